@@ -51,7 +51,7 @@ class SAFECallback(TrainerCallback):
         self,
         probe_dataset: Any = None,
         *,
-        probe_size: int = 128,
+        probe_size: int = 64,
         batch_size: int = 16,
         data_collator: Any = None,
     ) -> None:
@@ -65,7 +65,7 @@ class SAFECallback(TrainerCallback):
         self.scorings: list[dict[str, Any]] = []
 
     @classmethod
-    def for_trainer(cls, trainer: Any, probe_size: int = 128) -> SAFECallback:
+    def for_trainer(cls, trainer: Any, probe_size: int = 64) -> SAFECallback:
         """A callback probing on the first ``probe_size`` examples of the trainer's eval set.
 
         Raises:
@@ -106,6 +106,15 @@ class SAFECallback(TrainerCallback):
             "SAFE: %d units, scoring every %s %s(s) on %d probe batches",
             len(safe.adapter_units), config.scoring_interval, config.schedule_unit, len(self._probe_batches),
         )
+
+    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        # AdaLoRA reallocates ranks after each optimizer step, while the gradients still exist (the Trainer
+        # zeroes them before on_step_end) and the Trainer itself never calls it.
+        from peft.tuners.adalora import AdaLoraModel
+
+        safe = self._safe(kwargs["model"])
+        if isinstance(safe, AdaLoraModel):
+            safe.update_and_allocate(state.global_step)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         safe = self._safe(kwargs["model"])

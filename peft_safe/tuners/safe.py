@@ -194,15 +194,27 @@ class SAFEModel(BaseTuner):
         """The freezing threshold T(t) of the schedule as it stands (0 during warm-up)."""
         return self.schedule.threshold(t, self.freeze_state.warmup_end)
 
-    def compute_importance(self, probe_batches: Iterable[Any]) -> dict[str, float]:
-        """Score every unit on the probe batches without changing the freeze state. Returns raw scores."""
+    def compute_importance(self, probe_batches: Iterable[Any], units: Sequence[str | int] | None = None) -> dict[str, float]:
+        """Score units on the probe batches without changing the freeze state.
+
+        Args:
+            probe_batches: batches of model inputs.
+            units: the units to score (names or indices); all units when ``None``.
+
+        Returns:
+            unit name -> raw importance (1 - CKA).
+        """
         config = self.peft_config[self._safe_adapter]
-        return compute_importance(self.model, self._units(), probe_batches, config.probe_tokens, config.seed)
+        chosen = self._units()
+        if units is not None:
+            names = set(self._resolve_units(units))
+            chosen = [unit for unit in chosen if unit.name in names]
+        return compute_importance(self.model, chosen, probe_batches, config.probe_tokens, config.seed)
 
     def update_and_freeze(
         self, t: float, probe_batches: Iterable[Any], optimizer: torch.optim.Optimizer | None = None
     ) -> list[str]:
-        """Score the units, advance the schedule to time ``t``, freeze the units below the threshold.
+        """Score the trainable units, advance the schedule to time ``t``, freeze the units below the threshold.
 
         Args:
             t: the current time in the config's ``schedule_unit`` (epoch or optimizer step).
@@ -212,7 +224,10 @@ class SAFEModel(BaseTuner):
         Returns:
             The units frozen by this call.
         """
-        scores = self.compute_importance(probe_batches)
+        # Frozen units never thaw, so they are not rerun: scoring costs one probe forward plus one block rerun
+        # per trainable unit. The top unit, which normalised scores divide by, is never frozen for tau <= 1.
+        trainable = [name for name in self.adapter_units if name not in self.freeze_state.frozen]
+        scores = self.compute_importance(probe_batches, units=trainable) if trainable else {}
         newly = self.schedule.advance(self.freeze_state, t, scores)
         if newly:
             self.freeze(newly, optimizer=optimizer, at=t)
@@ -297,6 +312,85 @@ class SAFEModel(BaseTuner):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self._freeze_states.pop(adapter_name, None)
+
+    # ------------------------------------------------------------------ AdaLoRA's rank allocation
+    def update_and_allocate(self, global_step: int) -> None:
+        """AdaLoRA's budget schedule and rank masking, over the trainable units only.
+
+        Call it where AdaLoRA's own is called: after ``loss.backward()`` and ``optimizer.step()``, before
+        ``zero_grad()`` (:class:`~peft_safe.SAFECallback` does, at every optimizer step). While no unit is frozen
+        this is AdaLoRA's ``update_and_allocate`` unchanged. Frozen units have no gradients and must not change,
+        so once some are frozen the rank allocator sees only the trainable units: their sensitivities are
+        updated and their ranks allocated on AdaLoRA's cubic schedule, from their own initial ranks down to
+        ``target_r`` per adapted layer. Frozen units keep their weights and masks; their ``rank_pattern`` entry
+        keeps every rank they were allowed or still use, so saving and loading (which cut ranks by the pattern)
+        leaves them exactly as they are. The allocator's statistics of frozen units are dropped.
+
+        Args:
+            global_step: the current optimizer step, counted from 0, as for AdaLoRA.
+
+        Raises:
+            TypeError: if the wrapped adapter is not AdaLoRA.
+        """
+        from types import SimpleNamespace
+
+        from peft.tuners.adalora import AdaLoraModel
+
+        if not isinstance(self, AdaLoraModel):
+            raise TypeError(
+                "update_and_allocate is AdaLoRA's rank allocation, but this SAFE model wraps "
+                f"{self.peft_config[self._safe_adapter].adapter_peft_type}; call it only with an AdaLoraConfig adapter."
+            )
+        adapter_name = self.trainable_adapter_name
+        state = self._freeze_states.get(adapter_name)
+        frozen_units = [u for u in self._units(adapter_name) if state is not None and u.name in state.frozen]
+        if not frozen_units:
+            return super().update_and_allocate(global_step)
+        frozen_ids = {id(p) for unit in frozen_units for p in unit_parameters(unit, adapter_name)}
+        allocator = self.rankallocator
+        trainable = []
+        for name, param in self.model.named_parameters():
+            if id(param) not in frozen_ids:
+                trainable.append((name, param))
+                continue
+            for stats in (allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc):
+                stats.pop(name, None)
+        view = SimpleNamespace(named_parameters=lambda: iter(trainable))  # all the allocator reads of a model
+        config = self.peft_config[adapter_name]
+        final_step = config.total_step - config.tfinal
+        budget = (allocator.init_bgt, allocator.target_bgt, allocator.name_set)
+        allocator._set_budget_scheduler(view)  # the budget of the trainable units alone
+        try:
+            if not allocator.name_set:
+                return  # every unit frozen: nothing left to allocate
+            if global_step <= final_step:
+                _, pattern = allocator.update_and_allocate(view, global_step, force_mask=global_step == final_step)
+                if pattern:
+                    config.rank_pattern = {**self._frozen_rank_pattern(frozen_units, adapter_name), **pattern}
+                if global_step == final_step:
+                    allocator.reset_ipt()
+            elif config.rank_pattern:
+                allocator.mask_using_rank_pattern(view, config.rank_pattern)
+        finally:
+            allocator.init_bgt, allocator.target_bgt, allocator.name_set = budget
+
+    def _frozen_rank_pattern(self, frozen_units: list[AdapterUnit], adapter_name: str) -> dict[str, list[bool]]:
+        """``rank_pattern`` entries of frozen AdaLoRA units: the ranks their pattern allowed, or still in use."""
+        previous = self.peft_config[adapter_name].rank_pattern or {}
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        pattern = {}
+        for unit in frozen_units:
+            for layer in unit.layers:
+                singular_values = layer.lora_E[adapter_name]
+                name = names[id(singular_values)]
+                # a saved checkpoint's pattern is keyed without the adapter name
+                allowed = previous.get(name, previous.get(name.replace(f".{adapter_name}", "")))
+                in_use = (singular_values.detach() != 0).view(-1).tolist()
+                if allowed is None or len(allowed) != len(in_use):  # never masked, or already cut to its ranks
+                    pattern[name] = [True] * len(in_use)
+                else:
+                    pattern[name] = [bool(a) or b for a, b in zip(allowed, in_use)]
+        return pattern
 
     # ------------------------------------------------------------------ checkpoint hooks
     @classmethod
