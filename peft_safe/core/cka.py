@@ -17,6 +17,9 @@ __all__ = ["CKAAccumulator", "importance_from_cka", "linear_cka"]
 _FLOAT64_EPS = torch.finfo(torch.float64).eps
 
 
+#: 1 - CKA below this is float64 rounding of identical representations, not a difference between them.
+ROUNDING_TOLERANCE = 1e-10
+
 def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
         raise TypeError(f"linear_cka expects two torch.Tensor, got {type(x).__name__} and {type(y).__name__}")
@@ -126,14 +129,17 @@ def importance_from_cka(cka: float) -> float:
         cka: A CKA similarity.
 
     Returns:
-        1 - cka, clamped to [0, 1].
+        1 - cka, clamped to [0, 1]; below ``ROUNDING_TOLERANCE`` (float64 rounding of CKA(X, X)) it is 0.
 
     Raises:
         ValueError: If cka is NaN or infinite.
     """
     if not math.isfinite(cka):
         raise ValueError(f"importance_from_cka needs a finite CKA value, got {cka}")
-    return min(1.0, max(0.0, 1.0 - cka))
+    importance = min(1.0, max(0.0, 1.0 - cka))
+    # Identical representations give CKA = 1 only up to float64 rounding; left as it is, that noise would become
+    # the top unit once scores are normalised to the largest one.
+    return 0.0 if importance < ROUNDING_TOLERANCE else importance
 
 
 class CKAAccumulator:

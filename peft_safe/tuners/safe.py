@@ -429,8 +429,16 @@ class SAFEModel(BaseTuner):
             model=model, config=config.adapter_config, adapter_name=adapter_name, state_dict=state_dict
         )
         safe._check_loadable(remapped, model)
-        # Everything checked: only now is the model touched.
+        # Everything checked: only now is the model touched. The loaded state replaces the adapter's own, so
+        # units this adapter had frozen that the checkpoint trains become trainable again (unless loading for
+        # inference, where nothing trains).
+        previous = safe._freeze_states.get(adapter_name)
         safe._freeze_states[adapter_name] = state
+        if previous is not None and not getattr(safe.peft_config.get(adapter_name), "inference_mode", True):
+            for unit in safe._units(adapter_name):
+                if unit.name in previous.frozen and unit.name not in state.frozen:
+                    for param in unit_parameters(unit, adapter_name):
+                        param.requires_grad_(True)
         safe._apply_freeze_state()
         return remapped
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.cka import CKAAccumulator
+from ..core.cka import CKAAccumulator, importance_from_cka
 from .units import AdapterUnit
 
 _MODEL_INPUT_NAMES = ("input_ids", "inputs_embeds", "pixel_values", "input_features", "input_values")
@@ -169,4 +169,4 @@ def compute_importance(
     unused = [name for name, acc in accumulators.items() if acc.n_seen == 0]
     if unused:
         raise ValueError(f"units {unused} were never called (or saw no real token) during the probe forward.")
-    return {name: float(min(1.0, max(0.0, 1.0 - acc.value()))) for name, acc in accumulators.items()}
+    return {name: importance_from_cka(acc.value()) for name, acc in accumulators.items()}

@@ -94,7 +94,7 @@ def find_adapter_units(model: nn.Module, adapter_name: str, blocks_path: str | N
         unit_name, unit_module = layer_name, layer
         if blocks is not None and layer_name.startswith(blocks[0] + "."):
             index = layer_name[len(blocks[0]) + 1 :].split(".", 1)[0]
-            unit_name, unit_module = f"{blocks[0]}.{index}", blocks[1][int(index)]
+            unit_name, unit_module = f"{blocks[0]}.{index}", blocks[1].get_submodule(index)
         groups.setdefault(unit_name, (unit_module, []))[1].append(layer)
     return [AdapterUnit(name, module, tuple(unit_layers)) for name, (module, unit_layers) in groups.items()]
 

@@ -171,6 +171,9 @@ def test_importance_from_cka():
     assert importance_from_cka(0.75) == pytest.approx(0.25)
     assert importance_from_cka(1.0 + 1e-12) == 0.0
     assert importance_from_cka(-0.5) == 1.0
+    # float64 rounding of CKA(X, X) is not importance; a real difference of 1e-6 is
+    assert importance_from_cka(1.0 - 4e-16) == 0.0
+    assert importance_from_cka(1.0 - 1e-6) == pytest.approx(1e-6)
     with pytest.raises(ValueError):
         importance_from_cka(float("nan"))
 

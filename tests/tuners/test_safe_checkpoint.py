@@ -154,12 +154,6 @@ def test_trainer_style_load_adapter_restores_the_state(saved, tiny):
     torch.testing.assert_close(tiny.logits(model, saved["batch"]), saved["logits"], rtol=0, atol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: loading a checkpoint into an adapter that already froze other units leaves those units "
-    "requires_grad=False although the restored state lists them as trainable (safe.py "
-    "_remap_adapter_state_dict_for_load only ever freezes, never thaws)",
-)
 def test_load_adapter_replaces_an_existing_freeze_state_exactly(saved, tiny):
     model = new_safe(tiny)
     model.base_model.freeze(["bert.encoder.layer.1"])  # frozen here, trainable in the checkpoint

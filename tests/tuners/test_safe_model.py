@@ -200,11 +200,6 @@ class NamedBlocksNet(nn.Module):
         return self.head(self.body(x))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: units.py find_adapter_units indexes the block list with int(child name), so a blocks_path "
-    "naming an nn.Sequential with named children crashes with 'invalid literal for int()'",
-)
 def test_blocks_path_naming_a_sequential_with_named_children():
     torch.manual_seed(0)
     model = custom_safe(NamedBlocksNet(), ["fc1", "fc2"], blocks_path="body")
@@ -459,11 +454,6 @@ def test_zero_adapters_score_zero_and_a_perturbed_unit_scores_above_zero(tiny, a
     assert all(v < 1e-9 for unit, v in scores.items() if unit != middle)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: 1 - CKA(X, X) leaves ~1e-16 of rounding in compute_importance (scoring.py), and the "
-    "normalised scale divides by that noise, so a unit whose adapters do nothing gets importance 1.0",
-)
 def test_normalised_importance_of_adapters_that_do_nothing_is_zero(tiny):
     model = tiny.safe("bert", layers=3, lora=tiny.lora("bert", init_lora_weights=True))  # B = 0 everywhere
     safe = model.base_model
