@@ -7,7 +7,9 @@ so ``get_peft_model``, ``PeftModel.from_pretrained`` and ``AutoPeftModel*`` work
 from ._registry import register as _register
 from .config import SAFEConfig
 from .core.state import FreezeState
+from .integrations.measure_callback import MeasureCallback
 from .integrations.trainer import SAFECallback
+from .measure import TrainingMeter
 from .tuners.bitfit import BitFitConfig, BitFitModel
 from .tuners.bottleneck import BottleneckConfig, BottleneckModel, HoulsbyConfig, PfeifferConfig
 from .tuners.safe import SAFEModel
@@ -22,10 +24,12 @@ __all__ = [
     "BottleneckConfig",
     "BottleneckModel",
     "HoulsbyConfig",
+    "MeasureCallback",
     "PfeifferConfig",
     "FreezeState",
     "SAFECallback",
     "SAFEConfig",
     "SAFEModel",
+    "TrainingMeter",
     "__version__",
 ]

@@ -89,6 +89,9 @@ class SavedTensorMeter:
         total_bytes: Bytes of all distinct saved storages.
         count: Number of tensors saved (a tensor saved twice counts twice).
         storage_count: Number of distinct storages behind them.
+        peak_activation_bytes: The most activation bytes autograd held at any one time while the context was
+            open. Equal to ``activation_bytes`` for one forward and backward; smaller when several graphs are
+            built and freed in turn (gradient accumulation), where ``activation_bytes`` adds them all up.
 
     Raises:
         TypeError: If ``exclude`` is neither a module, an iterable of tensors, nor None.
@@ -110,8 +113,12 @@ class SavedTensorMeter:
         self.total_bytes = 0
         self.count = 0
         self.storage_count = 0
+        self.peak_activation_bytes = 0
+        self._live_activation_bytes = 0
         # key -> number of saved tensors on that storage that autograd still holds
         self._live: dict[_StorageKey, int] = {}
+        # key -> activation bytes it adds while held (0 for excluded storages)
+        self._live_bytes: dict[_StorageKey, int] = {}
         self._watchers: list[weakref.ref] = []
 
     def _excluded_tensors(self) -> Iterator[torch.Tensor]:
@@ -134,6 +141,7 @@ class SavedTensorMeter:
             self._live[key] = remaining
         else:
             self._live.pop(key, None)
+            self._live_activation_bytes -= self._live_bytes.pop(key, 0)
 
     def _pack(self, tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
         key, nbytes = _storage_key_and_bytes(tensor)
@@ -141,8 +149,11 @@ class SavedTensorMeter:
         if key not in self._live:
             self.storage_count += 1
             self.total_bytes += nbytes
-            if key not in self._excluded_keys:
-                self.activation_bytes += nbytes
+            activation = 0 if key in self._excluded_keys else nbytes
+            self.activation_bytes += activation
+            self._live_bytes[key] = activation
+            self._live_activation_bytes += activation
+            self.peak_activation_bytes = max(self.peak_activation_bytes, self._live_activation_bytes)
         self._live[key] = self._live.get(key, 0) + 1
         alias = tensor.detach()
         self._watchers.append(weakref.ref(alias, lambda _ref, key=key: self._forget(key)))
@@ -176,6 +187,7 @@ class SavedTensorMeter:
         # The counts are final; stop following the saved tensors.
         self._watchers = []
         self._live = {}
+        self._live_bytes = {}
 
     def __repr__(self) -> str:
         return (

@@ -1,0 +1,110 @@
+"""PNG plots of measured runs (the result dicts ``peft-safe bench`` writes): importance of each unit over
+training, the freeze timeline (units x steps, as Figure 5 of the SAFE paper) and training memory over steps.
+
+Drawn with matplotlib's object API on a plain :class:`~matplotlib.figure.Figure` (Agg canvas), so no pyplot
+state or GUI backend is touched. matplotlib is an optional dependency (``pip install peft-safe[bench]``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["plot_freeze_timeline", "plot_importance", "plot_memory"]
+
+_MIB = 2**20
+
+
+def _figure(width: float = 7.0, height: float = 4.0) -> Any:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:  # pragma: no cover - matplotlib is installed with the bench extra
+        raise ImportError("plots need matplotlib: pip install matplotlib (or peft-safe[bench]).") from error
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _short(unit: str) -> str:
+    """``bert.encoder.layer.3`` -> ``layer.3``: the block, without the model's prefix."""
+    parts = unit.split(".")
+    return ".".join(parts[-2:]) if len(parts) >= 2 else unit
+
+
+def plot_importance(run: dict[str, Any], path: str) -> None:
+    """Raw importance (1 - CKA) of each unit at each scoring; a cross marks where a unit froze.
+
+    Args:
+        run: a SAFE run's result (``importance_history``, ``units``, ``freeze_steps``).
+        path: the PNG file to write.
+    """
+    fig = _figure()
+    ax = fig.add_subplot()
+    history = run["importance_history"]
+    for index, unit in enumerate(run["units"]):
+        points = [(h["t"], h["scores"][unit]) for h in history if unit in h["scores"]]
+        if not points:
+            continue
+        color = f"C{index % 10}"
+        ax.plot([t for t, _ in points], [s for _, s in points], marker=".", color=color, label=_short(unit))
+        if run["freeze_steps"].get(unit) is not None:
+            ax.plot(*points[-1], marker="x", markersize=9, color=color)
+    if run.get("warmup_end") is not None:
+        ax.axvline(run["warmup_end"], color="grey", linestyle=":", label="warm-up end")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("importance (1 - CKA)")
+    ax.set_title(f"{run['adapter']}+SAFE, seed {run['seed']}: importance per unit (x: frozen)")
+    if history:
+        ax.legend(fontsize="small", ncol=2)
+    fig.savefig(path)
+
+
+def plot_freeze_timeline(run: dict[str, Any], path: str) -> None:
+    """Units (rows) against steps: trainable until the unit froze, frozen after.
+
+    Args:
+        run: a SAFE run's result (``units``, ``freeze_steps``, ``steps``).
+        path: the PNG file to write.
+    """
+    units = run["units"]
+    fig = _figure(height=max(2.5, 0.35 * len(units) + 1.2))
+    ax = fig.add_subplot()
+    end = run["steps"]
+    for row, unit in enumerate(units):
+        frozen_at = run["freeze_steps"].get(unit, end)
+        frozen_at = 0 if frozen_at is None else frozen_at  # frozen by hand before any scoring
+        ax.broken_barh([(0, frozen_at)], (row - 0.4, 0.8), color="tab:orange")
+        if frozen_at < end:
+            ax.broken_barh([(frozen_at, end - frozen_at)], (row - 0.4, 0.8), color="lightgrey")
+    if run.get("warmup_end") is not None:
+        ax.axvline(run["warmup_end"], color="black", linestyle=":")
+    ax.set_yticks(range(len(units)), [_short(u) for u in units])
+    ax.set_xlim(0, max(end, 1))
+    ax.set_xlabel("optimizer step (orange: trainable, grey: frozen, dotted: warm-up end)")
+    ax.set_title(f"{run['adapter']}+SAFE, seed {run['seed']}: freeze timeline")
+    fig.savefig(path)
+
+
+def plot_memory(baseline: dict[str, Any], safe: dict[str, Any], path: str) -> None:
+    """Training memory (activations + gradients + optimizer state; dashed: activations alone) per measured step.
+
+    Args:
+        baseline: the run without SAFE (``memory_series``).
+        safe: the run with SAFE (``memory_series``, ``freeze_steps``).
+        path: the PNG file to write.
+    """
+    fig = _figure()
+    ax = fig.add_subplot()
+    for run, color, label in ((baseline, "tab:blue", baseline["adapter"]),
+                              (safe, "tab:orange", f"{safe['adapter']}+SAFE")):
+        series = run["memory_series"]
+        steps = [r["step"] for r in series]
+        ax.plot(steps, [r["training_bytes"] / _MIB for r in series], color=color, drawstyle="steps-post",
+                label=f"{label}: training")
+        ax.plot(steps, [r["activation_bytes"] / _MIB for r in series], color=color, linestyle="--",
+                drawstyle="steps-post", label=f"{label}: activations")
+    for t in sorted({t for t in safe["freeze_steps"].values() if t is not None}):
+        ax.axvline(t, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("optimizer step (dotted: SAFE froze units)")
+    ax.set_ylabel("MiB")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"training memory per step, seed {safe['seed']}")
+    ax.legend(fontsize="small")
+    fig.savefig(path)
