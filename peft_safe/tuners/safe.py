@@ -23,6 +23,7 @@ from ..config import SAFEConfig
 from ..core.policy import SchedulePolicy
 from ..core.state import FreezeState
 from .scoring import compute_importance
+from .truncation import BackpropCut
 from .units import AdapterUnit, find_adapter_units, unit_parameters
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class SAFEModel(BaseTuner):
     def __init__(self, model: nn.Module, config: Any, adapter_name: str = "default", **kwargs: Any) -> None:
         # set before injection: peft's injection calls set_adapter, which re-applies the freeze state
         self._freeze_states: dict[str, FreezeState] = {}
+        self._backprop_cut = BackpropCut()
         super().__init__(model, config, adapter_name, **kwargs)
 
     # ------------------------------------------------------------------ config plumbing
@@ -288,6 +290,22 @@ class SAFEModel(BaseTuner):
             param.grad = None
         if optimizer is not None and frozen_params:
             _drop_from_optimizer(optimizer, frozen_params)
+        self._update_backprop_cut()
+
+    def _update_backprop_cut(self) -> None:
+        # Backprop stops at the lowest trainable block even when an input-require-grads hook (k-bit preparation,
+        # gradient checkpointing) keeps the chain below alive; see truncation.py.
+        state = self._freeze_states.get(self.active_adapters[0]) if self.active_adapters else None
+        if state is None or not state.frozen:
+            self._backprop_cut.remove()
+        else:
+            self._backprop_cut.update(self.model, self._units(), state.frozen)
+
+    @property
+    def backprop_cut_block(self) -> str | None:
+        """The block whose input SAFE detaches so that backprop stops there; ``None`` when there is no cut."""
+        return self._backprop_cut.block_name
+
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         super()._mark_only_adapters_as_trainable(model)
