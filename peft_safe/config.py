@@ -175,6 +175,12 @@ class SAFEConfig(PeftConfig):
             raise ValueError(f"final_freeze_epoch must be > 0, got {self.final_freeze_epoch!r}.")
         if finite("scoring_interval") <= 0:
             raise ValueError(f"scoring_interval must be > 0, got {self.scoring_interval!r}.")
+        if self.scoring_interval > self.final_freeze_epoch:
+            raise ValueError(
+                f"scoring_interval ({self.scoring_interval}) is longer than final_freeze_epoch "
+                f"({self.final_freeze_epoch}): the first scoring would come after the threshold reached tau, so "
+                "units would freeze on a single score; lower scoring_interval or raise final_freeze_epoch."
+            )
         if finite("warmup_tolerance") <= 0:
             raise ValueError(f"warmup_tolerance must be > 0, got {self.warmup_tolerance!r} (the paper uses 0.05).")
         if finite("warmup_floor") < 0:
@@ -196,6 +202,8 @@ class SAFEConfig(PeftConfig):
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
         if isinstance(self.probe_tokens, bool) or not isinstance(self.probe_tokens, int) or self.probe_tokens < 2:
             raise ValueError(f"probe_tokens must be an int >= 2 (CKA needs two tokens), got {self.probe_tokens!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0 (it seeds the probe-token subsampling), got {self.seed!r}.")
         if self.blocks_path is not None and (not isinstance(self.blocks_path, str) or not self.blocks_path):
             raise ValueError(f"blocks_path must be a dotted module path such as 'encoder.layer', got {self.blocks_path!r}.")
 

@@ -5,6 +5,8 @@ Pure: imports only this package's core and the standard library.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 from .schedule import cubic_threshold, normalize_scores, units_below, warmup_converged
@@ -32,8 +34,13 @@ class SchedulePolicy:
         Frozen units never thaw: they are left out of the returned list and stay in ``state.frozen``.
 
         Raises:
-            ValueError: if ``t`` lies before the previous scoring.
+            ValueError: if ``t`` is not finite or lies before the previous scoring, or a score is not finite or
+                negative; the state is left unchanged.
         """
+        # Everything is checked before the state changes: a bad call leaves it as it was.
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t):
+            raise ValueError(f"scoring time t must be a finite number, got {t!r}.")
+        normalize_scores(scores, self.importance_scale)  # raises on a non-finite or negative score
         if state.last_scored is not None and t < state.last_scored:
             raise ValueError(f"scoring time {t} lies before the previous scoring at {state.last_scored}; time must not go back.")
         previous = state.latest_scores

@@ -55,8 +55,16 @@ class SAFECallback(TrainerCallback):
         batch_size: int = 16,
         data_collator: Any = None,
     ) -> None:
-        if probe_size < 1 or batch_size < 1:
-            raise ValueError(f"probe_size and batch_size must be >= 1, got {probe_size} and {batch_size}.")
+        for name, value in (("probe_size", probe_size), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+        if isinstance(probe_dataset, (str, bytes)) or (
+            probe_dataset is not None and not hasattr(probe_dataset, "__getitem__") and not hasattr(probe_dataset, "__iter__")
+        ):
+            raise TypeError(
+                f"probe_dataset must be tokenized examples (a datasets.Dataset or list of dicts) or a list of ready "
+                f"batches, got {type(probe_dataset).__name__} {probe_dataset!r:.60}; load and tokenize files first."
+            )
         self.probe_dataset = probe_dataset
         self.probe_size = probe_size
         self.batch_size = batch_size
@@ -100,6 +108,12 @@ class SAFECallback(TrainerCallback):
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         safe = self._safe(kwargs["model"])
+        if args.world_size > 1 and args.ddp_find_unused_parameters is False:
+            # DDP would wait forever for the gradients of frozen units (see peft_safe.distributed.check_ddp).
+            raise ValueError(
+                "SAFECallback under DistributedDataParallel needs ddp_find_unused_parameters=True (or unset: the "
+                "Trainer's default for peft models), got False: frozen units stop producing gradients."
+            )
         self._probe_batches = self._build_probe_batches(kwargs["model"], kwargs.get("processing_class"))
         config = safe.peft_config[safe._safe_adapter]
         logger.info(

@@ -10,13 +10,18 @@ adapter state-dict hooks (so the freeze state travels inside the checkpoint).
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
+import math
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 
 from ..config import SAFEConfig
@@ -70,6 +75,100 @@ def _drop_from_optimizer(optimizer: torch.optim.Optimizer, params: list[nn.Param
         optimizer.state.pop(param, None)
     for group in optimizer.param_groups:
         group["params"] = [p for p in group["params"] if id(p) not in ids]
+
+
+def _check_time(t: Any, last_scored: float | None) -> None:
+    """Refuse a scoring time that is not a finite number >= 0, or lies before the previous scoring."""
+    if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t < 0:
+        raise ValueError(
+            f"scoring time t must be a finite number >= 0 (the current epoch or optimizer step), got {t!r}."
+        )
+    if last_scored is not None and t < last_scored:
+        raise ValueError(f"scoring time {t} lies before the previous scoring at {last_scored}; time must not go back.")
+
+
+def _check_optimizer(optimizer: Any) -> None:
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer (the one training this model) or None, "
+            f"got {type(optimizer).__name__}."
+        )
+
+
+def _payload_integrity(config: SAFEConfig, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """What a loader checks a SAFE weights file against: the config it was saved with, and its tensors' digests.
+
+    peft writes ``adapter_model.safetensors`` before ``adapter_config.json``, so an interrupted save over an older
+    checkpoint leaves new weights next to the old config; a bit flip in a tensor leaves a file that parses.
+    Recording both in the weights file turns either into a clear error on load instead of a wrong model.
+    """
+    return {"config": _config_fingerprint(config), "tensor_sha256": sorted(_tensor_digest(t) for t in tensors.values())}
+
+
+# Fields that legitimately differ between the config saved with the weights and the one they are loaded with:
+# peft sets inference_mode on load and base_model_name_or_path / auto_mapping on save, peft_version follows the
+# installed peft, and AdaLoRA's rank allocation rewrites rank_pattern while training.
+_VOLATILE_CONFIG_FIELDS = ("inference_mode", "base_model_name_or_path", "revision", "peft_version", "auto_mapping",
+                           "rank_pattern")
+
+
+def _config_fingerprint(config: SAFEConfig) -> dict[str, Any]:
+    def strip(data: dict[str, Any]) -> dict[str, Any]:
+        # Lists of names are sets in meaning (peft appends the task's heads to modules_to_save on every load).
+        return {
+            k: sorted(set(v)) if isinstance(v, list) and all(isinstance(i, str) for i in v) else v
+            for k, v in data.items()
+            if k not in _VOLATILE_CONFIG_FIELDS
+        }
+
+    data = config.to_dict()
+    data = {**strip(data), "adapter_config": strip(data["adapter_config"])}
+    return json.loads(json.dumps(data, sort_keys=True, default=str))  # the form it has after a JSON round trip
+
+
+def _tensor_digest(tensor: torch.Tensor) -> str:
+    data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+    header = f"{str(tensor.dtype).removeprefix('torch.')}{tuple(tensor.shape)}".encode()
+    return hashlib.sha256(header + data).hexdigest()[:32]
+
+
+def _check_integrity(integrity: Any, config: SAFEConfig, state_dict: dict[str, torch.Tensor]) -> None:
+    """Raise, before anything is loaded, if the weights file does not belong to ``config`` or was damaged."""
+    if not isinstance(integrity, dict):
+        raise ValueError("the SAFE freeze state's 'integrity' record is malformed; the checkpoint is corrupt.")
+    saved = integrity.get("config")
+    if saved is not None:
+        current = _config_fingerprint(config)
+        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        inner = sorted(
+            k for k in set(saved.get("adapter_config", {})) | set(current.get("adapter_config", {}))
+            if saved.get("adapter_config", {}).get(k) != current.get("adapter_config", {}).get(k)
+        )
+        diffs = [f"{k}: weights {saved.get(k)!r}, config {current.get(k)!r}" for k in changed if k != "adapter_config"]
+        diffs += [f"adapter_config.{k}: weights {saved['adapter_config'].get(k)!r}, config "
+                  f"{current['adapter_config'].get(k)!r}" for k in inner]
+        if diffs:
+            raise ValueError(
+                "this SAFE weights file was saved with another config than the one loading it ("
+                + "; ".join(diffs[:5])
+                + "). Either adapter_config.json is stale (a save interrupted between writing the weights and the "
+                "config) or a different config was passed in: load it with the config saved next to it, and change "
+                "hyper-parameters afterwards through model.peft_config[adapter_name] if you mean to."
+            )
+    digests = integrity.get("tensor_sha256")
+    if digests is not None:
+        available: dict[str, int] = {}
+        for tensor in state_dict.values():
+            if isinstance(tensor, torch.Tensor):
+                digest = _tensor_digest(tensor)
+                available[digest] = available.get(digest, 0) + 1
+        for digest in digests:
+            if available.get(digest, 0) == 0:
+                raise ValueError(
+                    "a tensor in this SAFE weights file does not match the checksum recorded when it was saved: "
+                    "the file is corrupt (damaged on disk or in transfer). Restore it from a good copy."
+                )
+            available[digest] -= 1
 
 
 def _find_safe_model(model: nn.Module) -> SAFEModel | None:
@@ -128,7 +227,16 @@ class SAFEModel(BaseTuner):
             raise TypeError(
                 f"adapter {adapter_name!r} has a {type(config).__name__}; a SAFE model takes SAFEConfig adapters only."
             )
-        super().inject_adapter(model, adapter_name, **kwargs)
+        try:
+            super().inject_adapter(model, adapter_name, **kwargs)
+        except NoMatchingPeftModuleError as err:
+            leaves = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                             if name and not list(module.children()) and any(True for _ in module.parameters())})
+            raise NoMatchingPeftModuleError(
+                f"target_modules={getattr(config.adapter_config, 'target_modules', None)!r} of the wrapped "
+                f"{config.adapter_peft_type} adapter matched no module of {type(model).__name__}; name some of its "
+                f"layers instead, e.g. among {leaves[:20]}. ({err})"
+            ) from err
         if adapter_name not in self._freeze_states:
             self._new_freeze_state(adapter_name)
 
@@ -225,11 +333,23 @@ class SAFEModel(BaseTuner):
 
         Returns:
             The units frozen by this call.
+
+        Raises:
+            ValueError: if ``t`` is not a finite number >= 0, or lies before the previous scoring.
+            TypeError: if ``optimizer`` is not a torch optimizer.
+
+        Under ``torch.distributed`` (world size > 1) every rank must call this with the same ``t``: the scores
+        are averaged over the ranks (see :mod:`peft_safe.distributed`), so all ranks freeze the same units.
         """
+        from ..distributed import agree_on_scores
+
+        _check_time(t, self.freeze_state.last_scored)
+        _check_optimizer(optimizer)
         # Frozen units never thaw, so they are not rerun: scoring costs one probe forward plus one block rerun
         # per trainable unit. The top unit, which normalised scores divide by, is never frozen for tau <= 1.
         trainable = [name for name in self.adapter_units if name not in self.freeze_state.frozen]
         scores = self.compute_importance(probe_batches, units=trainable) if trainable else {}
+        scores = agree_on_scores(scores, t)
         newly = self.schedule.advance(self.freeze_state, t, scores)
         if newly:
             self.freeze(newly, optimizer=optimizer, at=t)
@@ -251,7 +371,13 @@ class SAFEModel(BaseTuner):
 
         Raises:
             ValueError: if a unit is unknown.
+            TypeError: if ``units`` is not a unit, a list of units, or ``optimizer`` is not a torch optimizer.
         """
+        if units is None or not isinstance(units, (str, int, Sequence)):
+            raise TypeError(
+                f"freeze() takes a unit name or index, or a list of them (see adapter_units), got {units!r}."
+            )
+        _check_optimizer(optimizer)
         names = self._resolve_units(units)
         state = self.freeze_state
         newly = [name for name in names if name not in state.frozen]
@@ -305,7 +431,6 @@ class SAFEModel(BaseTuner):
     def backprop_cut_block(self) -> str | None:
         """The block whose input SAFE detaches so that backprop stops there; ``None`` when there is no cut."""
         return self._backprop_cut.block_name
-
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         super()._mark_only_adapters_as_trainable(model)
@@ -424,7 +549,8 @@ class SAFEModel(BaseTuner):
         safe = _find_safe_model(model)
         if safe is None or adapter_name not in safe._freeze_states:
             raise ValueError(f"cannot save SAFE adapter {adapter_name!r}: no SAFE tuner holding its freeze state.")
-        payload = safe._freeze_states[adapter_name].to_json().encode("utf-8")
+        record = {**safe._freeze_states[adapter_name].to_dict(), "integrity": _payload_integrity(config, out)}
+        payload = json.dumps(record, sort_keys=True, allow_nan=False).encode("utf-8")
         out[FREEZE_STATE_KEY] = torch.frombuffer(bytearray(payload), dtype=torch.uint8).clone()
         return out
 
@@ -442,6 +568,9 @@ class SAFEModel(BaseTuner):
         if safe is None:
             raise ValueError("cannot load a SAFE freeze state: the model holds no SAFE tuner.")
         state = safe._freeze_state_from_payload(payload, adapter_name)
+        integrity = json.loads(bytes(payload.cpu().tolist()).decode("utf-8")).get("integrity")
+        if integrity is not None:  # checkpoints written before the record existed have none
+            _check_integrity(integrity, config, state_dict)
         inner = _wrapped_tuner_cls(config)
         remapped = inner._remap_adapter_state_dict_for_load(
             model=model, config=config.adapter_config, adapter_name=adapter_name, state_dict=state_dict

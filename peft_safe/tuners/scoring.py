@@ -41,6 +41,18 @@ def _to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
+def _check_probe_set(probe_batches: Any) -> None:
+    if isinstance(probe_batches, Mapping):
+        raise ValueError(
+            f"probe_batches is a single batch (a dict with keys {sorted(probe_batches)}); pass a list of batches, "
+            "e.g. [batch]."
+        )
+    if isinstance(probe_batches, (str, bytes)) or not isinstance(probe_batches, Iterable):
+        raise TypeError(
+            f"probe_batches must be an iterable of batches (a list of dicts of tensors), got {type(probe_batches).__name__}."
+        )
+
+
 def _check_batch(model: nn.Module, batch: Any) -> None:
     if not isinstance(batch, Mapping):
         if isinstance(batch, (torch.Tensor, tuple, list)):
@@ -56,6 +68,16 @@ def _check_batch(model: nn.Module, batch: Any) -> None:
             f"probe batch has keys {sorted(batch)} but none of the model's inputs {expected}; "
             "pass tokenized batches, e.g. tokenizer(texts, return_tensors='pt', padding=True)."
         )
+    for name in expected:
+        value = batch.get(name)
+        if not isinstance(value, torch.Tensor):
+            if value is not None:
+                raise TypeError(f"probe batch {name!r} must be a tensor, got {type(value).__name__}; use return_tensors='pt'.")
+            continue
+        if value.numel() == 0:
+            raise ValueError(f"probe batch {name!r} is empty (shape {tuple(value.shape)}); drop empty batches.")
+        if name == "input_ids" and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+            raise TypeError(f"probe batch 'input_ids' must hold integer token ids, got dtype {value.dtype}.")
 
 
 def _call(model: nn.Module, batch: Any) -> Any:
@@ -122,6 +144,7 @@ def compute_importance(
     merged = [unit.name for unit in units if any(layer.merged for layer in unit.layers)]
     if merged:
         raise ValueError(f"cannot score units {merged} while their adapters are merged; call unmerge_adapter() first.")
+    _check_probe_set(probe_batches)
     if not units:
         return {}
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -169,4 +192,20 @@ def compute_importance(
     unused = [name for name, acc in accumulators.items() if acc.n_seen == 0]
     if unused:
         raise ValueError(f"units {unused} were never called (or saw no real token) during the probe forward.")
-    return {name: importance_from_cka(acc.value()) for name, acc in accumulators.items()}
+    single = {name: acc.n_seen for name, acc in accumulators.items() if acc.n_seen < 2}
+    if single:
+        # CKA of one row is undefined (taken as 1, i.e. importance 0): every unit would look unimportant and freeze.
+        raise ValueError(
+            f"units {sorted(single)} saw a single real token over the whole probe set; CKA compares at least 2 "
+            "tokens: give the probe set more tokens (longer or more sequences)."
+        )
+    scores = {}
+    for name, acc in accumulators.items():
+        x, y = acc.rows
+        if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+            raise ValueError(
+                f"unit {name!r} produced inf or NaN activations on the probe batches (a {x.dtype} overflow, or NaN in "
+                "the model): its importance cannot be scored. Check the model's outputs, or score in bfloat16/float32."
+            )
+        scores[name] = importance_from_cka(acc.value())
+    return scores
