@@ -201,7 +201,8 @@ class SAFEModel(BaseTuner):
     # The freeze state lives on the tuner, so inject_adapter_in_model (which drops the tuner) is refused.
     uses_shared_state = True
 
-    def __new__(cls, model: nn.Module, config: Any, adapter_name: str = "default", **kwargs: Any):
+    def __new__(cls, model: nn.Module | None = None, config: Any = None, adapter_name: str = "default", **kwargs: Any):
+        # copy.deepcopy reconstructs through cls.__new__(cls): cls is then already the concrete subclass.
         if cls is SAFEModel:
             safe_config = config[adapter_name] if isinstance(config, dict) else config
             if not isinstance(safe_config, SAFEConfig):

@@ -575,3 +575,18 @@ def test_update_and_freeze_freezes_units_below_the_threshold(tiny):
     assert newly == safe.adapter_units
     assert safe.frozen_units == safe.adapter_units
     assert not any(p.requires_grad for p in tiny.adapter_params(model).values())
+
+
+def test_deepcopy_gives_an_independent_safe_model(tiny):
+    import copy
+
+    model = tiny.safe("llama", layers=4)
+    model.base_model.freeze([0, 1])
+    clone = copy.deepcopy(model)
+    assert type(clone.base_model) is type(model.base_model)
+    batch = tiny.batch()
+    torch.testing.assert_close(tiny.logits(clone, batch), tiny.logits(model, batch), rtol=0, atol=0)
+    clone.base_model.freeze([2])
+    assert model.base_model.frozen_units == ["model.layers.0", "model.layers.1"]
+    assert model.base_model.backprop_cut_block == "model.layers.2"
+    assert clone.base_model.backprop_cut_block == "model.layers.3"
