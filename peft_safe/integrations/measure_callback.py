@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..measure.tracker import FLOP_MODES, MemorySummary, StepRecord, TrainingMeter
+from ..measure.tracker import MemorySummary, StepRecord, TrainingMeter, check_meter_options
 
 __all__ = ["MeasureCallback"]
 
@@ -48,10 +48,7 @@ class MeasureCallback(TrainerCallback):
     """
 
     def __init__(self, measure_every: int = 1, flops: str = "none", prefix: str = "memory/") -> None:
-        if isinstance(measure_every, bool) or not isinstance(measure_every, int) or measure_every < 1:
-            raise ValueError(f"measure_every must be an integer >= 1, got {measure_every!r}.")
-        if flops not in FLOP_MODES:
-            raise ValueError(f"flops must be one of {FLOP_MODES}, got {flops!r}.")
+        check_meter_options(measure_every, flops)
         self.measure_every = measure_every
         self.flops = flops
         self.prefix = prefix

@@ -120,6 +120,18 @@ class MemorySummary:
         return dataclasses.asdict(self)
 
 
+
+def check_meter_options(measure_every: Any, flops: Any) -> None:
+    """Validate the options a :class:`TrainingMeter` (or a callback building one) takes.
+
+    Raises:
+        ValueError: If ``measure_every`` is not an integer >= 1 or ``flops`` is not one of ``FLOP_MODES``.
+    """
+    if isinstance(measure_every, bool) or not isinstance(measure_every, int) or measure_every < 1:
+        raise ValueError(f"measure_every must be an integer >= 1, got {measure_every!r}.")
+    if flops not in FLOP_MODES:
+        raise ValueError(f"flops must be one of {FLOP_MODES}, got {flops!r}.")
+
 class TrainingMeter:
     """Record memory, FLOPs and time of each step of a training loop.
 
@@ -174,10 +186,7 @@ class TrainingMeter:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}.")
-        if isinstance(measure_every, bool) or not isinstance(measure_every, int) or measure_every < 1:
-            raise ValueError(f"measure_every must be an integer >= 1, got {measure_every!r}.")
-        if flops not in FLOP_MODES:
-            raise ValueError(f"flops must be one of {FLOP_MODES}, got {flops!r}.")
+        check_meter_options(measure_every, flops)
         self.model = model
         self.optimizer = optimizer
         self.measure_every = measure_every
