@@ -457,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, help="number of seeds (0, 1, ...): mean and spread over them")
     p.add_argument("--train-size", type=int, default=2000, help="training examples (wikitext2: blocks)")
     p.add_argument("--test-size", type=int, default=1000)
-    p.add_argument("--probe-size", type=int, default=64, help="examples SAFE scores importance on")
+    p.add_argument("--probe-size", type=int, default=32, help="examples SAFE scores importance on")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -465,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (AdaLoRA's target rank)")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--tau", type=float, default=0.3)
-    p.add_argument("--final-freeze-fraction", type=float, default=0.6,
+    p.add_argument("--final-freeze-fraction", type=float, default=0.4,
                    help="t_f as a fraction of the run's optimizer steps")
     p.add_argument("--score-every", type=int, default=20, help="SAFE scoring interval in optimizer steps")
     p.add_argument("--measure-every", type=int, default=5, help="measure memory every N steps")
