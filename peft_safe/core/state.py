@@ -117,11 +117,15 @@ class FreezeState:
 
     @classmethod
     def from_json(cls, text: str) -> FreezeState:
-        try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"SAFE freeze state is not valid JSON ({err}); the checkpoint is corrupt.") from err
-        return cls.from_dict(data)
+        return cls.from_dict(parse_state_json(text))
+
+
+def parse_state_json(text: str) -> Any:
+    """The JSON of a saved freeze state, parsed; a clear error when it is not JSON."""
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"SAFE freeze state is not valid JSON ({err}); the checkpoint is corrupt.") from err
 
 
 def _is_time(value: Any, allow_none: bool = False) -> bool:

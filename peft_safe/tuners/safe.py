@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import SAFEConfig
 from ..core.policy import SchedulePolicy
-from ..core.state import FreezeState
+from ..core.state import FreezeState, parse_state_json
 from .scoring import compute_importance
 from .truncation import BackpropCut
 from .units import AdapterUnit, find_adapter_units, unit_parameters
@@ -568,8 +568,7 @@ class SAFEModel(BaseTuner):
         safe = _find_safe_model(model)
         if safe is None:
             raise ValueError("cannot load a SAFE freeze state: the model holds no SAFE tuner.")
-        state = safe._freeze_state_from_payload(payload, adapter_name)
-        integrity = json.loads(bytes(payload.cpu().tolist()).decode("utf-8")).get("integrity")
+        state, integrity = safe._freeze_state_from_payload(payload, adapter_name)
         if integrity is not None:  # checkpoints written before the record existed have none
             _check_integrity(integrity, config, state_dict)
         inner = _wrapped_tuner_cls(config)
@@ -590,14 +589,16 @@ class SAFEModel(BaseTuner):
         safe._apply_freeze_state()
         return remapped
 
-    def _freeze_state_from_payload(self, payload: torch.Tensor, adapter_name: str) -> FreezeState:
+    def _freeze_state_from_payload(self, payload: torch.Tensor, adapter_name: str) -> tuple[FreezeState, Any]:
+        """The freeze state in a checkpoint's payload, checked against this model, and its integrity record."""
         if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.dim() != 1:
             raise ValueError("the SAFE freeze state in this checkpoint is not a byte tensor; the file is corrupt.")
         try:
             text = bytes(payload.cpu().tolist()).decode("utf-8")
         except UnicodeDecodeError as err:
             raise ValueError(f"the SAFE freeze state in this checkpoint is not UTF-8 ({err}); the file is corrupt.") from err
-        state = FreezeState.from_json(text)
+        data = parse_state_json(text)  # parsed once: the state and the integrity record share it
+        state = FreezeState.from_dict(data)
         units = [u.name for u in self._units(adapter_name)]
         if state.units != units:
             raise ValueError(
@@ -609,7 +610,7 @@ class SAFEModel(BaseTuner):
             raise ValueError(
                 f"this SAFE checkpoint wraps a {state.adapter_type} adapter but the config wraps {expected}."
             )
-        return state
+        return state, data.get("integrity")
 
     @staticmethod
     def _check_loadable(state_dict: dict[str, torch.Tensor], model: nn.Module) -> None:
