@@ -359,3 +359,57 @@ def test_policy_warmup_found_after_final_time_jumps_to_tau():
     # normalized at t=8: block.0 = 0.064 / 0.2 = 0.32, block.1 = 0.45, block.2 = 1 -> both below 0.5 freeze at once
     assert newly[8] == ["block.0", "block.1"]
     assert state.frozen == {"block.0": 8, "block.1": 8}
+
+
+# ---------------------------------------------------------------------------------------------- scoring is free of side effects
+def test_scoring_that_freezes_nothing_trains_bit_identically_to_plain_lora():
+    """SAFE scoring every step (dropout on, AdamW) must not change training: RNG, modes, grads all untouched.
+
+    If scoring drew random numbers, left a module in eval mode or touched optimizer state, a SAFE run that
+    never freezes would drift from plain LoRA; any accuracy gap in a real run would then not be SAFE's doing.
+    """
+    train_batches = batches(*task(64, seed=1))
+    probe = batches(task(16, seed=2)[0])
+
+    def build(use_safe: bool):
+        torch.manual_seed(0)
+        base = BertForSequenceClassification(
+            BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                       intermediate_size=64, num_labels=2)
+        )
+        torch.manual_seed(1)
+        config = LoraConfig(r=4, target_modules=["query", "value"], lora_dropout=0.1, task_type="SEQ_CLS")
+        if use_safe:  # warm-up can never end here, so the threshold stays 0 and nothing freezes
+            config = SAFEConfig(adapter_config=config, task_type="SEQ_CLS", schedule_unit="step", scoring_interval=1,
+                                final_freeze_epoch=10_000, max_warmup=9_999, warmup_tolerance=1e-12)
+        return get_peft_model(base, config)
+
+    def trainable(model) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def train(use_safe: bool):
+        model = build(use_safe)
+        initial = trainable(model)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        torch.manual_seed(2)  # dropout masks
+        losses, step = [], 0
+        model.train()
+        for _ in range(2):
+            for batch in train_batches:
+                loss = model(**batch).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                step += 1
+                if use_safe:
+                    assert model.base_model.update_and_freeze(step, probe, optimizer=optimizer) == []
+        return losses, initial, trainable(model)
+
+    plain_losses, plain_initial, plain = train(False)
+    safe_losses, safe_initial, safe = train(True)
+    assert all(torch.equal(safe_initial[n], plain_initial[n]) for n in plain_initial)
+    assert all(not torch.equal(plain[n], plain_initial[n]) for n in plain if ".lora_B." in n)  # training moved them
+    assert safe_losses == plain_losses
+    assert safe.keys() == plain.keys()
+    assert all(torch.equal(safe[n], plain[n]) for n in plain)
