@@ -221,14 +221,16 @@ def adapter_config(name: str, args: argparse.Namespace, total_steps: int, task_t
     raise ValueError(f"unknown adapter {name!r}; choose from {', '.join(ADAPTERS)}.")
 
 
+def _task_type(task: Task) -> str:
+    return "SEQ_CLS" if task.kind == "classification" else "CAUSAL_LM"
+
+
 def _build_model(task: Task, adapter: str, use_safe: bool, args: argparse.Namespace, seed: int, total_steps: int):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    from . import SAFEConfig
-
-    task_type = "SEQ_CLS" if task.kind == "classification" else "CAUSAL_LM"
+    task_type = _task_type(task)
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # "some weights were newly initialised": the classifier head, as intended
     hf_logging.disable_progress_bar()
@@ -246,10 +248,29 @@ def _build_model(task: Task, adapter: str, use_safe: bool, args: argparse.Namesp
         base.config.pad_token_id = 0
     config = adapter_config(adapter, args, total_steps, task_type)
     if use_safe:
-        config = SAFEConfig(adapter_config=config, tau=args.tau, schedule_unit="step",
-                            final_freeze_epoch=max(2, int(total_steps * args.final_freeze_fraction)),
-                            scoring_interval=args.score_every, task_type=task_type)
+        config = safe_config(config, args, total_steps, task_type)
     return get_peft_model(base, config).to(args.device)
+
+
+def safe_config(adapter: Any, args: argparse.Namespace, total_steps: int, task_type: str) -> Any:
+    """SAFE over ``adapter`` with the bench's schedule: step units, t_f at ``--final-freeze-fraction`` of the run.
+
+    Raises:
+        BenchInputError: if the flags make an invalid schedule (say, scoring less often than t_f); the message
+            names the flags to change.
+    """
+    from . import SAFEConfig
+
+    final = max(2, int(total_steps * args.final_freeze_fraction))
+    try:
+        return SAFEConfig(adapter_config=adapter, tau=args.tau, schedule_unit="step", final_freeze_epoch=final,
+                          scoring_interval=args.score_every, task_type=task_type)
+    except ValueError as error:
+        raise BenchInputError(
+            f"the SAFE schedule is invalid for this run ({total_steps} steps, t_f = {final} steps from "
+            f"--final-freeze-fraction {args.final_freeze_fraction}, --score-every {args.score_every}): {error} "
+            "In bench flags: lower --score-every or raise --final-freeze-fraction or the run's length."
+        ) from error
 
 
 # ---------------------------------------------------------------------------------------------- one run
@@ -534,6 +555,10 @@ def run_bench(args: argparse.Namespace) -> dict:
     config: dict[str, Any] = {}
     for seed in range(args.seeds):
         task = prepare_task(args, seed)
+        if seed == 0:  # a bad schedule fails here, not after the first baseline has trained
+            total_steps, task_type = total_steps_of(task, args), _task_type(task)
+            for adapter in args.adapters:
+                safe_config(adapter_config(adapter, args, total_steps, task_type), args, total_steps, task_type)
         for adapter in args.adapters:
             baseline, base_meter = run_one(task, adapter, False, args, seed)
             safe, safe_meter = run_one(task, adapter, True, args, seed)

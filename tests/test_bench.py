@@ -200,6 +200,19 @@ def test_bad_flags_give_clear_errors(assets, tmp_path, capsys, extra, message):
     assert message in capsys.readouterr().err
 
 
+def test_invalid_safe_schedule_fails_before_any_training(assets, tmp_path, capsys, monkeypatch):
+    trained = []
+    monkeypatch.setattr(bench, "run_one", lambda *args, **kwargs: trained.append(args) or pytest.fail("trained"))
+    # 12 steps, t_f = 6: scoring every 7 steps would first score after the threshold reached tau
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(tiny_argv(assets, tmp_path, "--score-every", "7"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "t_f = 6 steps" in err and "--score-every 7" in err
+    assert "lower --score-every or raise --final-freeze-fraction" in err
+    assert trained == []
+
+
 def test_labels_are_mapped_and_files_read_as_json(tmp_path):
     rows = [{"t": "x", "y": "pos"}, {"t": "y", "y": "neg"}, {"t": "z", "y": "pos"}]
     (tmp_path / "a.json").write_text(json.dumps(rows))
