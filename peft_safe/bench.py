@@ -262,14 +262,17 @@ def safe_config(adapter: Any, args: argparse.Namespace, total_steps: int, task_t
     from . import SAFEConfig
 
     final = max(2, int(total_steps * args.final_freeze_fraction))
+    cap = None if args.warmup_cap_fraction is None else max(1, int(total_steps * args.warmup_cap_fraction))
     try:
         return SAFEConfig(adapter_config=adapter, tau=args.tau, schedule_unit="step", final_freeze_epoch=final,
-                          scoring_interval=args.score_every, task_type=task_type)
+                          scoring_interval=args.score_every, warmup_tolerance=args.warmup_tolerance,
+                          max_warmup=cap, task_type=task_type)
     except ValueError as error:
         raise BenchInputError(
             f"the SAFE schedule is invalid for this run ({total_steps} steps, t_f = {final} steps from "
-            f"--final-freeze-fraction {args.final_freeze_fraction}, --score-every {args.score_every}): {error} "
-            "In bench flags: lower --score-every or raise --final-freeze-fraction or the run's length."
+            f"--final-freeze-fraction {args.final_freeze_fraction}, --score-every {args.score_every}, "
+            f"--warmup-cap-fraction {args.warmup_cap_fraction}): {error} In bench flags: lower --score-every or "
+            "--warmup-cap-fraction, or raise --final-freeze-fraction or the run's length."
         ) from error
 
 
@@ -488,6 +491,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau", type=float, default=0.3)
     p.add_argument("--final-freeze-fraction", type=float, default=0.4,
                    help="t_f as a fraction of the run's optimizer steps")
+    p.add_argument("--warmup-tolerance", type=float, default=0.05,
+                   help="warm-up ends once the importance vector moves by less than this fraction of its norm")
+    p.add_argument("--warmup-cap-fraction", type=float, default=None,
+                   help="warm-up ends at the latest at this fraction of the run (default: half of t_f)")
     p.add_argument("--score-every", type=int, default=20, help="SAFE scoring interval in optimizer steps")
     p.add_argument("--measure-every", type=int, default=5, help="measure memory every N steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -508,6 +515,11 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--steps must be >= 1, got {args.steps}.")
     if not 0 < args.final_freeze_fraction <= 1:
         parser.error(f"--final-freeze-fraction must be in (0, 1], got {args.final_freeze_fraction}.")
+    if args.warmup_cap_fraction is not None and not 0 < args.warmup_cap_fraction < args.final_freeze_fraction:
+        parser.error(f"--warmup-cap-fraction must be in (0, --final-freeze-fraction {args.final_freeze_fraction}), "
+                     f"got {args.warmup_cap_fraction}.")
+    if not args.warmup_tolerance > 0:
+        parser.error(f"--warmup-tolerance must be > 0, got {args.warmup_tolerance}.")
     if not 0 < args.tau <= 1:
         parser.error(f"--tau must be in (0, 1], got {args.tau}.")
     if not args.lr > 0:

@@ -186,6 +186,8 @@ def test_cli_dispatches_and_plots_folder_flag(assets, tmp_path, capsys):
         (["--steps", "0"], "--steps must be >= 1, got 0"),
         (["--tau", "1.5"], "--tau must be in (0, 1], got 1.5"),
         (["--final-freeze-fraction", "0"], "--final-freeze-fraction must be in (0, 1]"),
+        (["--warmup-cap-fraction", "0.5"], "--warmup-cap-fraction must be in (0, --final-freeze-fraction 0.5)"),
+        (["--warmup-tolerance", "0"], "--warmup-tolerance must be > 0, got 0.0"),
         (["--task", "imdb"], "--task must be one of rotten_tomatoes, trec, wikitext2 or a .csv"),
         (["--task", "missing.csv"], "--task data file 'missing.csv' does not exist"),
         (["--model", "/nonexistent"], "--model '/nonexistent' is not a model folder"),
@@ -209,7 +211,7 @@ def test_invalid_safe_schedule_fails_before_any_training(assets, tmp_path, capsy
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "t_f = 6 steps" in err and "--score-every 7" in err
-    assert "lower --score-every or raise --final-freeze-fraction" in err
+    assert "lower --score-every or --warmup-cap-fraction, or raise --final-freeze-fraction" in err
     assert trained == []
 
 
