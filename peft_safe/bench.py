@@ -479,6 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapters", default="lora",
                    help=f"comma-separated adapters, each run without and with SAFE: {','.join(ADAPTERS)}")
     p.add_argument("--seeds", type=int, default=1, help="number of seeds (0, 1, ...): mean and spread over them")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="first seed, so seeds can run in separate processes: --first-seed 2 --seeds 1 runs seed 2")
     p.add_argument("--train-size", type=int, default=2000, help="training examples (wikitext2: blocks)")
     p.add_argument("--test-size", type=int, default=1000)
     p.add_argument("--probe-size", type=int, default=32, help="examples SAFE scores importance on")
@@ -511,6 +513,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
                  "score_every", "measure_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+    if args.first_seed < 0:
+        parser.error(f"--first-seed must be >= 0, got {args.first_seed}.")
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}.")
     if not 0 < args.final_freeze_fraction <= 1:
@@ -565,9 +569,9 @@ def run_bench(args: argparse.Namespace) -> dict:
     """Run every adapter without and with SAFE for every seed; return the report (what ``--json`` writes)."""
     results = []
     config: dict[str, Any] = {}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         task = prepare_task(args, seed)
-        if seed == 0:  # a bad schedule fails here, not after the first baseline has trained
+        if seed == args.first_seed:  # a bad schedule fails here, not after the first baseline has trained
             total_steps, task_type = total_steps_of(task, args), _task_type(task)
             for adapter in args.adapters:
                 safe_config(adapter_config(adapter, args, total_steps, task_type), args, total_steps, task_type)

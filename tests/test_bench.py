@@ -110,6 +110,19 @@ def test_same_seed_same_data_same_start_for_both_runs(report):
             assert base["memory"]["after_step"] == safe["memory"]["after_step"]  # compared over the same window
 
 
+def test_a_seed_run_alone_reproduces_that_seed_of_a_longer_run(report, assets, tmp_path):
+    """Seeds can run in parallel processes (--first-seed) and give the figures the sequential run gives."""
+    data, _ = report
+    argv = tiny_argv(assets, tmp_path, "--seeds", "1", "--first-seed", "1", "--adapters", "lora")
+    assert bench.main(argv) == 0
+    alone = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert [(r["seed"], r["safe"]) for r in alone] == [(1, False), (1, True)]
+    for run in alone:
+        (same,) = [r for r in runs_of(data, "lora", run["safe"]) if r["seed"] == 1]
+        assert run["loss_series"] == same["loss_series"] and run["metric"] == same["metric"]
+        assert run["freeze_steps"] == same["freeze_steps"]
+
+
 def test_safe_freezes_and_saves_memory_and_flops(report):
     data, _ = report
     for safe in runs_of(data, "lora", True):
@@ -184,6 +197,7 @@ def test_cli_dispatches_and_plots_folder_flag(assets, tmp_path, capsys):
         (["--adapters", "lora,prefix"], "unknown adapter 'prefix' in --adapters; choose from lora,adalora"),
         (["--seeds", "0"], "--seeds must be >= 1, got 0"),
         (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--first-seed", "-1"], "--first-seed must be >= 0, got -1"),
         (["--tau", "1.5"], "--tau must be in (0, 1], got 1.5"),
         (["--final-freeze-fraction", "0"], "--final-freeze-fraction must be in (0, 1]"),
         (["--warmup-cap-fraction", "0.5"], "--warmup-cap-fraction must be in (0, --final-freeze-fraction 0.5)"),
