@@ -493,8 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau", type=float, default=0.3)
     p.add_argument("--final-freeze-fraction", type=float, default=0.4,
                    help="t_f as a fraction of the run's optimizer steps")
-    p.add_argument("--warmup-tolerance", type=float, default=0.05,
-                   help="warm-up ends once the importance vector moves by less than this fraction of its norm")
+    p.add_argument("--warmup-tolerance", type=float, default=None,
+                   help="warm-up ends once the importance vector moves by less than this fraction of its norm "
+                        "(default: SAFEConfig's, 0.15)")
     p.add_argument("--warmup-cap-fraction", type=float, default=None,
                    help="warm-up ends at the latest at this fraction of the run (default: half of t_f)")
     p.add_argument("--score-every", type=int, default=20, help="SAFE scoring interval in optimizer steps")
@@ -522,7 +523,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     if args.warmup_cap_fraction is not None and not 0 < args.warmup_cap_fraction < args.final_freeze_fraction:
         parser.error(f"--warmup-cap-fraction must be in (0, --final-freeze-fraction {args.final_freeze_fraction}), "
                      f"got {args.warmup_cap_fraction}.")
-    if not args.warmup_tolerance > 0:
+    if args.warmup_tolerance is not None and not args.warmup_tolerance > 0:
         parser.error(f"--warmup-tolerance must be > 0, got {args.warmup_tolerance}.")
     if not 0 < args.tau <= 1:
         parser.error(f"--tau must be in (0, 1], got {args.tau}.")

@@ -13,6 +13,9 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from ._registry import SAFE_PEFT_TYPE
 
 WARMUP_RULES = ("relative_norm", "per_unit")
+# relative_norm: above the 2-30 % jitter between scorings of settled scores, below the 50-90 % of their growth
+# (MiniLM + LoRA, docs/method.md); per_unit: the paper's 5 %.
+DEFAULT_WARMUP_TOLERANCE = {"relative_norm": 0.15, "per_unit": 0.05}
 SCHEDULE_UNITS = ("epoch", "step")
 IMPORTANCE_SCALES = ("normalized", "raw")
 
@@ -62,7 +65,9 @@ class SAFEConfig(PeftConfig):
         warmup_rule: ``"relative_norm"`` (default): warm-up ends once the importance vector moves by less than
             ``warmup_tolerance`` of its norm between two scorings. ``"per_unit"``: the paper's rule, every unit's
             score changes by less than ``warmup_tolerance`` relative to itself.
-        warmup_tolerance: tolerance of the warm-up rule (the paper's 5 %).
+        warmup_tolerance: tolerance of the warm-up rule; ``None`` means 0.15 for ``"relative_norm"`` (above the
+            jitter of scores between scorings once they have settled, measured in docs/method.md) and the paper's
+            0.05 for ``"per_unit"``.
         warmup_floor: with ``"per_unit"``, scores below this absolute value never block the end of warm-up.
         max_warmup: cap on warm-up length; ``None`` means half of ``final_freeze_epoch``.
         importance_scale: ``"normalized"`` (scores divided by the largest unit's score) or ``"raw"``.
@@ -97,7 +102,9 @@ class SAFEConfig(PeftConfig):
         default="relative_norm",
         metadata={"help": "'relative_norm' (robust default) or 'per_unit' (the paper's rule read literally)."},
     )
-    warmup_tolerance: float = field(default=0.05, metadata={"help": "Tolerance of the warm-up rule."})
+    warmup_tolerance: float | None = field(
+        default=None, metadata={"help": "Tolerance of the warm-up rule; None: 0.15 (relative_norm), 0.05 (per_unit)."}
+    )
     warmup_floor: float = field(
         default=0.0, metadata={"help": "'per_unit' rule: scores below this never block the end of warm-up."}
     )
@@ -181,8 +188,11 @@ class SAFEConfig(PeftConfig):
                 f"({self.final_freeze_epoch}): the first scoring would come after the threshold reached tau, so "
                 "units would freeze on a single score; lower scoring_interval or raise final_freeze_epoch."
             )
-        if finite("warmup_tolerance") <= 0:
-            raise ValueError(f"warmup_tolerance must be > 0, got {self.warmup_tolerance!r} (the paper uses 0.05).")
+        if self.warmup_tolerance is not None and finite("warmup_tolerance") <= 0:
+            raise ValueError(
+                f"warmup_tolerance must be > 0 or None (the rule's default), got {self.warmup_tolerance!r} "
+                "(the paper uses 0.05)."
+            )
         if finite("warmup_floor") < 0:
             raise ValueError(f"warmup_floor must be >= 0, got {self.warmup_floor!r}.")
         if self.max_warmup is not None:
@@ -212,6 +222,13 @@ class SAFEConfig(PeftConfig):
     def warmup_cap(self) -> float:
         """The latest time at which warm-up ends."""
         return self.max_warmup if self.max_warmup is not None else self.final_freeze_epoch / 2
+
+    @property
+    def warmup_tolerance_value(self) -> float:
+        """The tolerance the warm-up rule uses: ``warmup_tolerance``, or the rule's default when it is None."""
+        if self.warmup_tolerance is not None:
+            return self.warmup_tolerance
+        return DEFAULT_WARMUP_TOLERANCE[self.warmup_rule]
 
     @property
     def adapter_peft_type(self) -> str:

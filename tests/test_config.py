@@ -135,6 +135,22 @@ def test_json_round_trip_keeps_every_field(tmp_path, loader):
     assert loaded.to_dict() == config.to_dict()
 
 
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        ({}, 0.15),  # relative_norm's default: above the jitter of settled scores
+        ({"warmup_rule": "per_unit"}, 0.05),  # the paper's 5 %
+        ({"warmup_tolerance": 0.3}, 0.3),
+        ({"warmup_rule": "per_unit", "warmup_tolerance": 0.2}, 0.2),
+    ],
+)
+def test_warmup_tolerance_defaults_by_rule_and_an_explicit_value_wins(tmp_path, kwargs, expected):
+    config = SAFEConfig(adapter_config=LoraConfig(target_modules=["query"]), **kwargs)
+    assert config.warmup_tolerance_value == expected
+    config.save_pretrained(tmp_path)
+    assert SAFEConfig.from_pretrained(tmp_path).warmup_tolerance_value == expected
+
+
 def test_nested_dict_adapter_config_builds_the_wrapped_config(tmp_path):
     config = SAFEConfig(
         adapter_config={"peft_type": "LORA", "r": 3, "target_modules": ["query"], "lora_alpha": 6}, tau=0.2

@@ -295,7 +295,7 @@ class SAFEModel(BaseTuner):
             tau=config.tau,
             final_freeze_time=config.final_freeze_epoch,
             warmup_rule=config.warmup_rule,
-            warmup_tolerance=config.warmup_tolerance,
+            warmup_tolerance=config.warmup_tolerance_value,
             warmup_floor=config.warmup_floor,
             warmup_cap=config.warmup_cap,
             importance_scale=config.importance_scale,

@@ -413,3 +413,27 @@ def test_scoring_that_freezes_nothing_trains_bit_identically_to_plain_lora():
     assert safe_losses == plain_losses
     assert safe.keys() == plain.keys()
     assert all(torch.equal(safe[n], plain[n]) for n in plain)
+
+
+# ---------------------------------------------------------------------------------------------- default warm-up tolerance
+def growing_then_jittering(t: int) -> dict[str, float]:
+    """Like the real MiniLM runs (docs/method.md): scores grow ~3x per scoring until t=4, then jitter by +-10 %."""
+    level = 3.0 ** (min(t, 4) - 1)
+    jitter = 1.0 if t <= 4 else (1.1 if t % 2 else 0.9)
+    return {"block.0": 0.001 * level * jitter, "block.1": 0.02 * level, "block.2": 0.06 * level * jitter}
+
+
+@pytest.mark.parametrize("tolerance, end", [(None, 5), (0.05, None)])
+def test_default_tolerance_ends_warmup_on_jittering_plateau_where_five_percent_does_not(tolerance, end):
+    config = SAFEConfig(adapter_config=LoraConfig(target_modules=["query"]), warmup_tolerance=tolerance)
+    pol = SchedulePolicy(tau=0.5, final_freeze_time=100, warmup_rule=config.warmup_rule,
+                         warmup_tolerance=config.warmup_tolerance_value, importance_scale="normalized")
+    state, _ = play(pol, range(1, 11), growing_then_jittering)
+    # growth (t <= 4) moves the vector by 2/3 of its norm per scoring; 4 -> 5 by ~9 %, then +-10 % swings by ~20 %
+    assert state.warmup_end == end
+
+
+def test_model_schedule_uses_the_rules_default_tolerance():
+    for rule, expected in (("relative_norm", 0.15), ("per_unit", 0.05)):
+        model = safe_bert(2, warmup_rule=rule)
+        assert model.base_model.schedule.warmup_tolerance == expected
