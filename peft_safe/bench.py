@@ -276,7 +276,9 @@ def safe_config(adapter: Any, args: argparse.Namespace, total_steps: int, task_t
     from . import SAFEConfig
 
     final = max(2, int(total_steps * args.final_freeze_fraction))
-    cap = max(1, int(total_steps * warmup_cap_fraction(args)))
+    cap = total_steps * warmup_cap_fraction(args)
+    if cap >= final:  # t_f rounded to whole steps (at least 2) in a very short run
+        cap = final / 2
     try:
         return SAFEConfig(adapter_config=adapter, tau=args.tau, schedule_unit="step", final_freeze_epoch=final,
                           scoring_interval=args.score_every, warmup_tolerance=args.warmup_tolerance,
