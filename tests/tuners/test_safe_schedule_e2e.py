@@ -54,18 +54,21 @@ def batches(ids: torch.Tensor, labels: torch.Tensor | None = None) -> list[dict[
     return out
 
 
-def safe_bert(layers: int, seed: int = 0, **safe_kwargs):
+def bert(layers: int, seed: int = 0) -> BertForSequenceClassification:
     torch.manual_seed(seed)
-    base = BertForSequenceClassification(
+    return BertForSequenceClassification(
         BertConfig(
             vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
             intermediate_size=64, num_labels=2,
         )
     )
+
+
+def safe_bert(layers: int, seed: int = 0, **safe_kwargs):
     config = SAFEConfig(
         adapter_config=LoraConfig(r=4, target_modules=["query", "value"]), task_type="SEQ_CLS", **safe_kwargs
     )
-    return get_peft_model(base, config)
+    return get_peft_model(bert(layers, seed), config)
 
 
 def unit_params(peft_model, unit: str) -> dict[str, torch.nn.Parameter]:
@@ -372,11 +375,7 @@ def test_scoring_that_freezes_nothing_trains_bit_identically_to_plain_lora():
     probe = batches(task(16, seed=2)[0])
 
     def build(use_safe: bool):
-        torch.manual_seed(0)
-        base = BertForSequenceClassification(
-            BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
-                       intermediate_size=64, num_labels=2)
-        )
+        base = bert(3, seed=0)
         torch.manual_seed(1)
         config = LoraConfig(r=4, target_modules=["query", "value"], lora_dropout=0.1, task_type="SEQ_CLS")
         if use_safe:  # warm-up can never end here, so the threshold stays 0 and nothing freezes
