@@ -257,15 +257,6 @@ def _build_model(task: Task, adapter: str, use_safe: bool, args: argparse.Namesp
 DEFAULT_WARMUP_CAP_FRACTION = 0.35
 
 
-def warmup_cap_fraction(args: argparse.Namespace) -> float:
-    """``--warmup-cap-fraction``, or its default: 0.35 of the run, or half of t_f when t_f comes before that."""
-    if args.warmup_cap_fraction is not None:
-        return args.warmup_cap_fraction
-    if DEFAULT_WARMUP_CAP_FRACTION < args.final_freeze_fraction:
-        return DEFAULT_WARMUP_CAP_FRACTION
-    return args.final_freeze_fraction / 2
-
-
 def safe_config(adapter: Any, args: argparse.Namespace, total_steps: int, task_type: str) -> Any:
     """SAFE over ``adapter`` with the bench's schedule: step units, t_f at ``--final-freeze-fraction`` of the run.
 
@@ -276,8 +267,9 @@ def safe_config(adapter: Any, args: argparse.Namespace, total_steps: int, task_t
     from . import SAFEConfig
 
     final = max(2, int(total_steps * args.final_freeze_fraction))
-    cap = total_steps * warmup_cap_fraction(args)
-    if cap >= final:  # t_f rounded to whole steps (at least 2) in a very short run
+    fraction = DEFAULT_WARMUP_CAP_FRACTION if args.warmup_cap_fraction is None else args.warmup_cap_fraction
+    cap = total_steps * fraction
+    if cap >= final:  # t_f before the default cap, or t_f rounded to whole steps (at least 2) in a very short run
         cap = final / 2
     try:
         return SAFEConfig(adapter_config=adapter, tau=args.tau, schedule_unit="step", final_freeze_epoch=final,
@@ -287,7 +279,7 @@ def safe_config(adapter: Any, args: argparse.Namespace, total_steps: int, task_t
         raise BenchInputError(
             f"the SAFE schedule is invalid for this run ({total_steps} steps, t_f = {final} steps from "
             f"--final-freeze-fraction {args.final_freeze_fraction}, --score-every {args.score_every}, "
-            f"warm-up cap at {warmup_cap_fraction(args)} of the run): {error} In bench flags: lower --score-every or "
+            f"warm-up cap at step {cap:g}): {error} In bench flags: lower --score-every or "
             "--warmup-cap-fraction, or raise --final-freeze-fraction or the run's length."
         ) from error
 
