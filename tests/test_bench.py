@@ -18,12 +18,7 @@ WORDS = ["good", "bad", "film", "plot", "actor", "great", "boring", "the", "a", 
 LAYERS = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread_torch")  # conftest: one intra-op thread
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +55,7 @@ def tiny_argv(assets, out_dir, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def report(assets):
+def report(assets, single_thread_torch):
     """One bench run: two adapters, two seeds, 12 steps each."""
     out = assets["root"] / "out"
     assert bench.main(tiny_argv(assets, out, "--seeds", "2", "--adapters", "lora,pfeiffer")) == 0

@@ -14,12 +14,7 @@ F32 = 4
 BATCH, D_IN, D_OUT = 4, 5, 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread_torch")  # conftest: one intra-op thread
 
 
 class SumOfLinear(nn.Module):

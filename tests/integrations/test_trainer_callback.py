@@ -39,12 +39,7 @@ EPOCH_SCHEDULE = dict(
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread_torch")  # conftest: one intra-op thread
 
 
 # ---------------------------------------------------------------------------------------------- builders
@@ -169,7 +164,7 @@ def run_step_trainer(output_dir, probe, max_steps=12, watch=False, **kwargs):
 
 # ---------------------------------------------------------------------------------------------- 1. a run
 @pytest.fixture(scope="module")
-def step_run(tmp_path_factory, one_thread):
+def step_run(tmp_path_factory, single_thread_torch):
     peft_model, trainer, callback, watcher = run_step_trainer(
         tmp_path_factory.mktemp("step_run"), probe=examples(16, seed=2), max_steps=12, watch=True
     )

@@ -23,12 +23,7 @@ MARKER = 7  # label 1 iff this token occurs in the sequence
 BATCH = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread_torch")  # conftest: one intra-op thread
 
 
 # ---------------------------------------------------------------------------------------------- builders
@@ -110,7 +105,7 @@ RUN = dict(tau=0.7, final_freeze_epoch=6, max_warmup=2, schedule_unit="epoch", i
 
 
 @pytest.fixture(scope="module")
-def run12(one_thread):
+def run12(single_thread_torch):
     """Train a 12-layer SAFE-LoRA BERT for EPOCHS epochs, calling update_and_freeze after each; record everything."""
     peft_model = safe_bert(LAYERS, seed=0, **RUN)
     safe = peft_model.base_model
