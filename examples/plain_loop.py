@@ -97,7 +97,7 @@ def main(argv=None) -> None:
     config = SAFEConfig(
         adapter_config=LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], task_type="SEQ_CLS"),
         tau=args.tau,                                  # on the normalised scale: freeze units below 30 % of the top one
-        final_freeze_epoch=int(total_steps * 0.6),     # t_f: the threshold reaches tau at 60 % of the run
+        final_freeze_time=int(total_steps * 0.6),     # t_f: the threshold reaches tau at 60 % of the run
         schedule_unit="step",                          # LLM-style short runs: schedule in optimizer steps
         scoring_interval=args.score_every,
         task_type="SEQ_CLS",

@@ -120,7 +120,7 @@ def run(args, name: str, train: torch.Tensor, valid: torch.Tensor, probe: list[d
     if name == "qlora+safe":
         config = SAFEConfig(
             adapter_config=lora, tau=args.tau, schedule_unit="step", scoring_interval=args.scoring_interval,
-            final_freeze_epoch=args.final_freeze_step, task_type="CAUSAL_LM", seed=args.seed,
+            final_freeze_time=args.final_freeze_step, task_type="CAUSAL_LM", seed=args.seed,
         )
     torch.manual_seed(args.seed)
     model = get_peft_model(model, config)

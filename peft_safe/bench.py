@@ -272,9 +272,9 @@ def safe_config(adapter: Any, args: argparse.Namespace, total_steps: int, task_t
     if cap >= final:  # t_f before the default cap, or t_f rounded to whole steps (at least 2) in a very short run
         cap = final / 2
     try:
-        return SAFEConfig(adapter_config=adapter, tau=args.tau, schedule_unit="step", final_freeze_epoch=final,
+        return SAFEConfig(adapter_config=adapter, tau=args.tau, schedule_unit="step", final_freeze_time=final,
                           scoring_interval=args.score_every, warmup_tolerance=args.warmup_tolerance,
-                          max_warmup=cap, task_type=task_type)
+                          warmup_cap=cap, task_type=task_type)
     except ValueError as error:
         raise BenchInputError(
             f"the SAFE schedule is invalid for this run ({total_steps} steps, t_f = {final} steps from "

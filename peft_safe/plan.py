@@ -574,7 +574,7 @@ def _build_model(case: ValidationCase, workdir: str) -> Any:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import LlamaForCausalLM
 
-    from .config import SAFEConfig
+    from .safe.config import SAFEConfig
 
     settings = case.settings
     config = case.shape.to_llama_config(max_position_embeddings=max(64, settings.seq_len))

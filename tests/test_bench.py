@@ -229,14 +229,14 @@ def test_warmup_cap_defaults_to_35_percent_of_the_run_unless_t_f_comes_first(fin
     args = bench.build_parser().parse_args(["--final-freeze-fraction", str(final)]
                                            + (["--warmup-cap-fraction", str(cap)] if cap else []))
     config = bench.safe_config(bench.adapter_config("lora", args, 1000, "SEQ_CLS"), args, 1000, "SEQ_CLS")
-    assert config.warmup_cap == pytest.approx(1000 * expected) and config.final_freeze_epoch == int(1000 * final)
+    assert config.warmup_cap == pytest.approx(1000 * expected) and config.final_freeze_time == int(1000 * final)
 
 
 def test_warmup_cap_falls_back_to_half_of_t_f_when_rounding_puts_it_past_t_f():
     args = bench.build_parser().parse_args(["--score-every", "1"])
     # 6 steps: t_f rounds to 2 steps, 35 % of the run (2.1) would pass it, so the cap falls back to half of t_f
     short = bench.safe_config(bench.adapter_config("lora", args, 6, "SEQ_CLS"), args, 6, "SEQ_CLS")
-    assert (short.final_freeze_epoch, short.warmup_cap) == (2, 1.0)
+    assert (short.final_freeze_time, short.warmup_cap) == (2, 1.0)
 
 
 def test_labels_are_mapped_and_files_read_as_json(tmp_path):

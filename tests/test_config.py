@@ -28,11 +28,11 @@ def lora(**kwargs) -> LoraConfig:
         ({"tau": -0.1}, ["tau", "-0.1"]),
         ({"tau": math.nan}, ["tau", "nan"]),
         ({"tau": math.inf}, ["tau", "inf"]),
-        ({"final_freeze_epoch": 0}, ["final_freeze_epoch", "0"]),
-        ({"final_freeze_epoch": -2}, ["final_freeze_epoch", "-2"]),
-        ({"final_freeze_epoch": 3, "max_warmup": 3}, ["max_warmup", "final_freeze_epoch", "3"]),
-        ({"final_freeze_epoch": 3, "max_warmup": 4.5}, ["max_warmup", "final_freeze_epoch", "4.5"]),
-        ({"max_warmup": 0}, ["max_warmup", "0"]),
+        ({"final_freeze_time": 0}, ["final_freeze_time", "0"]),
+        ({"final_freeze_time": -2}, ["final_freeze_time", "-2"]),
+        ({"final_freeze_time": 3, "warmup_cap": 3}, ["warmup_cap", "final_freeze_time", "3"]),
+        ({"final_freeze_time": 3, "warmup_cap": 4.5}, ["warmup_cap", "final_freeze_time", "4.5"]),
+        ({"warmup_cap": 0}, ["warmup_cap", "0"]),
         ({"warmup_rule": "patience"}, ["warmup_rule", "patience"]),
         ({"schedule_unit": "batch"}, ["schedule_unit", "batch"]),
         ({"importance_scale": "log"}, ["importance_scale", "log"]),
@@ -52,7 +52,7 @@ def test_out_of_range_values_raise_naming_field_and_value(kwargs, names):
 
 
 def test_boundary_values_are_accepted():
-    config = SAFEConfig(adapter_config=lora(), tau=1.0, final_freeze_epoch=3, max_warmup=2.9, probe_tokens=2)
+    config = SAFEConfig(adapter_config=lora(), tau=1.0, final_freeze_time=3, warmup_cap=2.9, probe_tokens=2)
     assert config.tau == 1.0 and config.probe_tokens == 2
     assert SAFEConfig(adapter_config=lora(), tau=1e-6).tau == 1e-6
 
@@ -97,13 +97,13 @@ def _full_config() -> SAFEConfig:
     return SAFEConfig(
         adapter_config=LoraConfig(r=6, lora_alpha=12, target_modules={"query", "value", "key"}, lora_dropout=0.1),
         tau=0.45,
-        final_freeze_epoch=7,
+        final_freeze_time=7,
         schedule_unit="step",
         scoring_interval=2,
         warmup_rule="per_unit",
         warmup_tolerance=0.1,
         warmup_floor=0.01,
-        max_warmup=3,
+        warmup_cap=3,
         importance_scale="raw",
         probe_tokens=128,
         blocks_path="bert.encoder.layer",
@@ -127,8 +127,8 @@ def test_json_round_trip_keeps_every_field(tmp_path, loader):
     assert loaded.adapter_config.target_modules == {"query", "value", "key"}
     assert (loaded.r, loaded.lora_alpha, loaded.lora_dropout) == (6, 12, 0.1)
     for name in (
-        "tau", "final_freeze_epoch", "schedule_unit", "scoring_interval", "warmup_rule", "warmup_tolerance",
-        "warmup_floor", "max_warmup", "importance_scale", "probe_tokens", "blocks_path", "seed",
+        "tau", "final_freeze_time", "schedule_unit", "scoring_interval", "warmup_rule", "warmup_tolerance",
+        "warmup_floor", "warmup_cap", "importance_scale", "probe_tokens", "blocks_path", "seed",
     ):
         assert getattr(loaded, name) == getattr(config, name), name
     assert loaded.task_type == "SEQ_CLS" and loaded.adapter_config.task_type == "SEQ_CLS"

@@ -17,7 +17,7 @@ from peft.tuners.lora import LoraModel
 from transformers import BertForSequenceClassification
 
 import peft_safe
-import peft_safe._registry
+import peft_safe.registry
 from peft_safe import SAFEConfig, SAFEModel
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
@@ -51,8 +51,8 @@ def test_peft_own_members_are_untouched():
 
 def test_register_twice_is_harmless():
     members_before = list(PeftType)
-    peft_safe._registry.register()
-    peft_safe._registry.register()
+    peft_safe.registry.register()
+    peft_safe.registry.register()
     assert list(PeftType) == members_before
     assert len(_safe_members()) == 1
     assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.SAFE] is SAFEConfig
@@ -62,7 +62,7 @@ def test_register_twice_is_harmless():
 def test_reload_of_registry_module_then_register_is_harmless(tiny):
     member = PeftType.SAFE
     members_before = list(PeftType)
-    reloaded = importlib.reload(peft_safe._registry)
+    reloaded = importlib.reload(peft_safe.registry)
     reloaded.register()
     assert PeftType.SAFE is member
     assert PeftType("SAFE") is member
@@ -76,14 +76,14 @@ def test_reload_of_registry_module_then_register_is_harmless(tiny):
 
 def test_registering_another_config_class_under_safe_raises():
     with pytest.raises(ValueError, match="SAFE"):
-        peft_safe._registry.register_peft_type("SAFE", LoraConfig, SAFEModel)
+        peft_safe.registry.register_peft_type("SAFE", LoraConfig, SAFEModel)
     assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.SAFE] is SAFEConfig
     assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.SAFE] is SAFEModel
 
 
 def test_registering_another_tuner_class_under_safe_raises():
     with pytest.raises(ValueError, match="SAFE"):
-        peft_safe._registry.register_peft_type("SAFE", SAFEConfig, LoraModel)
+        peft_safe.registry.register_peft_type("SAFE", SAFEConfig, LoraModel)
     assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.SAFE] is SAFEModel
     assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.SAFE] is SAFEConfig
 

@@ -9,6 +9,7 @@ import math
 from collections.abc import Collection, Mapping
 
 __all__ = [
+    "DEFAULT_WARMUP_TOLERANCE",
     "SCORE_SCALES",
     "WARMUP_RULES",
     "cubic_threshold",
@@ -18,6 +19,9 @@ __all__ = [
 ]
 
 WARMUP_RULES = ("relative_norm", "per_unit")
+# relative_norm: above the 2-30 % jitter between scorings of settled scores, below the 50-90 % of their growth
+# (MiniLM + LoRA, docs/method.md); per_unit: the paper's 5 %.
+DEFAULT_WARMUP_TOLERANCE = {"relative_norm": 0.15, "per_unit": 0.05}
 SCORE_SCALES = ("raw", "normalized")
 
 

@@ -9,7 +9,7 @@ Importing this package registers FLOP formulas for torch's CPU flash-attention k
 from .flops import count_flops, register_cpu_attention_flop_formulas
 from .memory import SavedTensorMeter, gradient_bytes, optimizer_state_bytes, parameter_bytes
 from .step import StepMeasurement, measure_training_step
-from .tracker import MemorySummary, StepRecord, TrainingMeter
+from .meter import MemorySummary, StepRecord, TrainingMeter
 
 __all__ = [
     "MemorySummary",

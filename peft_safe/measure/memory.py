@@ -20,11 +20,14 @@ import torch
 from torch import nn
 
 __all__ = [
+    "MIB",
     "SavedTensorMeter",
     "gradient_bytes",
     "optimizer_state_bytes",
     "parameter_bytes",
 ]
+
+MIB = 2**20  # bytes in a mebibyte, the unit every report of this package prints memory in
 
 # A storage is identified by its device and data pointer; tensors without data (meta, fake, zero-size) all
 # share data pointer 0, so they are told apart by their StorageImpl instead.

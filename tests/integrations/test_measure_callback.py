@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from peft_safe.integrations.measure_callback import MeasureCallback
+from peft_safe.callbacks.measure import MeasureCallback
 
 F32 = 4
 BATCH, D_IN, D_OUT = 4, 5, 3

@@ -28,12 +28,12 @@ UNITS = [f"bert.encoder.layer.{i}" for i in range(LAYERS)]
 # Step schedule: scoring every 2 steps, warm-up capped at step 4, threshold reaches tau=1 at step 8. With
 # normalized scores and tau=1, every unit but the top scorer is frozen from t_f on.
 STEP_SCHEDULE = dict(
-    schedule_unit="step", scoring_interval=2, final_freeze_epoch=8, max_warmup=4, tau=1.0,
+    schedule_unit="step", scoring_interval=2, final_freeze_time=8, warmup_cap=4, tau=1.0,
     importance_scale="normalized",
 )
 # Epoch schedule: warm-up capped at epoch 2, then T(3) = 0.578, T(4) = 0.875, T(5) = 0.984, T(6) = tau = 1.
 EPOCH_SCHEDULE = dict(
-    schedule_unit="epoch", scoring_interval=1, final_freeze_epoch=6, max_warmup=2, tau=1.0,
+    schedule_unit="epoch", scoring_interval=1, final_freeze_time=6, warmup_cap=2, tau=1.0,
     importance_scale="normalized",
 )
 
@@ -194,10 +194,10 @@ def test_callback_scores_every_scoring_interval_steps_and_logs_it(step_run):
 def test_callback_threshold_follows_the_cubic_schedule(step_run):
     peft_model, trainer, _, _ = step_run
     state = peft_model.base_model.freeze_state
-    # warm-up is capped at max_warmup=4 at the latest
-    assert state.warmup_end is not None and state.warmup_end <= STEP_SCHEDULE["max_warmup"]
+    # warm-up is capped at warmup_cap=4 at the latest
+    assert state.warmup_end is not None and state.warmup_end <= STEP_SCHEDULE["warmup_cap"]
     for record in safe_records(trainer.state.log_history):
-        expected = cubic(record["safe/t"], state.warmup_end, STEP_SCHEDULE["final_freeze_epoch"], 1.0)
+        expected = cubic(record["safe/t"], state.warmup_end, STEP_SCHEDULE["final_freeze_time"], 1.0)
         assert record["safe/threshold"] == pytest.approx(expected, abs=1e-12)
 
 
@@ -215,7 +215,7 @@ def test_callback_freezes_exactly_the_units_below_the_threshold(step_run):
         frozen_so_far |= newly
         assert record["safe/frozen_units"] == len(frozen_so_far) >= previous_count
         previous_count = record["safe/frozen_units"]
-        if t >= STEP_SCHEDULE["final_freeze_epoch"]:
+        if t >= STEP_SCHEDULE["final_freeze_time"]:
             # tau = 1 on the normalized scale: every unit but the top scorer is frozen from t_f on
             top = max(scores, key=scores.get)
             assert set(UNITS) - {top} <= frozen_so_far

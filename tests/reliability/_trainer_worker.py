@@ -30,7 +30,7 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
-import peft_safe.distributed as safe_distributed  # noqa: E402
+import peft_safe.safe.model as safe_model  # noqa: E402
 from peft_safe import SAFECallback, SAFEConfig  # noqa: E402
 
 VOCAB, SEQ, MARKER, LAYERS = 100, 12, 7, 2
@@ -38,7 +38,7 @@ UNITS = [f"bert.encoder.layer.{i}" for i in range(LAYERS)]
 MAX_STEPS = 10
 FINAL_FREEZE = 6  # tau=1 on the normalized scale: every unit but the top scorer is frozen from step 6 on
 SCHEDULE = dict(
-    schedule_unit="step", scoring_interval=2, final_freeze_epoch=FINAL_FREEZE, max_warmup=2, tau=1.0,
+    schedule_unit="step", scoring_interval=2, final_freeze_time=FINAL_FREEZE, warmup_cap=2, tau=1.0,
     importance_scale="normalized",
 )
 
@@ -114,13 +114,13 @@ def main(out_dir: Path) -> None:
 
     # each rank probes on its own data, so its local scores differ from the other rank's
     local_scores: list[dict] = []
-    agree = safe_distributed.agree_on_scores
+    agree = safe_model.agree_on_scores  # patched where SAFEModel.update_and_freeze looks it up
 
     def recording_agree(scores, t):
         local_scores.append({"t": t, "scores": dict(scores)})
         return agree(scores, t)
 
-    safe_distributed.agree_on_scores = recording_agree
+    safe_model.agree_on_scores = recording_agree
     saves = []
     save_pretrained = PeftModel.save_pretrained
 

@@ -23,7 +23,7 @@ LAYERS = 3
 
 
 def make_model(tiny, tau: float = 0.9, r: int = 4, adapter_seed: int = 1):
-    config = tiny.safe_config("bert", lora=tiny.lora("bert", r=r), tau=tau, final_freeze_epoch=4, max_warmup=1)
+    config = tiny.safe_config("bert", lora=tiny.lora("bert", r=r), tau=tau, final_freeze_time=4, warmup_cap=1)
     torch.manual_seed(adapter_seed)
     return get_peft_model(tiny.bert(layers=LAYERS), config)
 

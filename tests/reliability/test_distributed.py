@@ -43,12 +43,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     from conftest import TinyModels
     from peft import PeftModel
 
-    from peft_safe.distributed import agree_on_scores, check_ddp
+    from peft_safe.safe.distributed import agree_on_scores, check_ddp
 
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         tiny = TinyModels()
-        model = tiny.safe("bert", layers=LAYERS, tau=0.9, final_freeze_epoch=2, max_warmup=1)
+        model = tiny.safe("bert", layers=LAYERS, tau=0.9, final_freeze_time=2, warmup_cap=1)
         safe = model.base_model
         probe = [tiny.batch(batch=2, seq=8, seed=100 + rank)]  # each rank probes on other data
         model.train()
@@ -142,7 +142,7 @@ def test_checkpoint_saved_once_by_rank_zero_holds_the_agreed_state(ranks):
 
 
 def test_agree_on_scores_is_the_identity_outside_a_process_group():
-    from peft_safe.distributed import agree_on_scores, is_distributed
+    from peft_safe.safe.distributed import agree_on_scores, is_distributed
 
     assert not is_distributed()
     scores = {"a": 0.25, "b": 0.5}

@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("single_thread_torch")
         ({"seed": -1}, ["seed", "-1"]),
         ({"seed": 1.5}, ["seed", "1.5"]),
         ({"seed": True}, ["seed", "True"]),
-        ({"scoring_interval": 6, "final_freeze_epoch": 5}, ["scoring_interval", "6", "final_freeze_epoch", "5"]),
+        ({"scoring_interval": 6, "final_freeze_time": 5}, ["scoring_interval", "6", "final_freeze_time", "5"]),
     ],
 )
 def test_config_refuses_bad_values_naming_them(tiny, kwargs, words):
@@ -40,7 +40,7 @@ def test_config_refuses_bad_values_naming_them(tiny, kwargs, words):
 
 
 def test_scoring_interval_equal_to_the_schedule_length_is_accepted(tiny):
-    assert SAFEConfig(adapter_config=tiny.lora(), scoring_interval=5, final_freeze_epoch=5).scoring_interval == 5
+    assert SAFEConfig(adapter_config=tiny.lora(), scoring_interval=5, final_freeze_time=5).scoring_interval == 5
 
 
 # ---------------------------------------------------------------------------------------------- targets

@@ -128,7 +128,7 @@ def test_callback_allocates_ranks_at_every_optimizer_step_while_units_freeze(tin
     base = tiny.bert(layers=LAYERS)
     config = SAFEConfig(
         adapter_config=adalora(), task_type="SEQ_CLS", schedule_unit="step", scoring_interval=2,
-        final_freeze_epoch=6, max_warmup=2, tau=1.0,
+        final_freeze_time=6, warmup_cap=2, tau=1.0,
     )
     torch.manual_seed(1)
     model = get_peft_model(base, config)

@@ -21,7 +21,7 @@ FROZEN = ["bert.encoder.layer.0", "bert.encoder.layer.2"]
 
 def safe_config(tiny) -> SAFEConfig:
     # warm-up capped at t=1, threshold rising to tau (on scores normalised to the top unit) at t=4
-    return tiny.safe_config("bert", tau=0.9, final_freeze_epoch=4, max_warmup=1)
+    return tiny.safe_config("bert", tau=0.9, final_freeze_time=4, warmup_cap=1)
 
 
 def new_safe(tiny, layers: int = LAYERS, hidden: int = 32, adapter_seed: int = 1) -> PeftModel:

@@ -565,7 +565,7 @@ def test_probe_batch_without_input_ids_raises_naming_its_keys(tiny):
 def test_update_and_freeze_freezes_units_below_the_threshold(tiny):
     # raw scale, tau at its maximum, warm-up capped at t=1 and t_f=2: at t=2 the threshold is tau = 1,
     # so every unit (raw score < 1) freezes; at t=1 the threshold is 0 and nothing freezes.
-    model = tiny.safe("bert", layers=3, tau=1.0, final_freeze_epoch=2, max_warmup=1, importance_scale="raw")
+    model = tiny.safe("bert", layers=3, tau=1.0, final_freeze_time=2, warmup_cap=1, importance_scale="raw")
     safe = model.base_model
     batches = [tiny.batch()]
     assert safe.update_and_freeze(0, batches) == []

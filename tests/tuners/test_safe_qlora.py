@@ -128,7 +128,7 @@ def adapter_config(adapter: str) -> object:
 def safe_model(base: nn.Module, adapter: str) -> PeftModel:
     torch.manual_seed(1)
     config = SAFEConfig(
-        adapter_config=adapter_config(adapter), tau=1.0, final_freeze_epoch=3, max_warmup=1, task_type="CAUSAL_LM"
+        adapter_config=adapter_config(adapter), tau=1.0, final_freeze_time=3, warmup_cap=1, task_type="CAUSAL_LM"
     )
     return get_peft_model(base, config)
 

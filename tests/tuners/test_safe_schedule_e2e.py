@@ -101,7 +101,7 @@ def lowest_trainable(units: list[str], frozen: set[str]) -> int:
 # ---------------------------------------------------------------------------------------------- the 12-layer run
 LAYERS = 12
 EPOCHS = 6
-RUN = dict(tau=0.7, final_freeze_epoch=6, max_warmup=2, schedule_unit="epoch", importance_scale="normalized")
+RUN = dict(tau=0.7, final_freeze_time=6, warmup_cap=2, schedule_unit="epoch", importance_scale="normalized")
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def run12(single_thread_torch):
 def test_run_leaves_warmup_and_freezes_units(run12):
     assert len(run12["units"]) == LAYERS
     warmup_end = run12["warmup_end"][-1]
-    assert warmup_end is not None and warmup_end <= RUN["max_warmup"]
+    assert warmup_end is not None and warmup_end <= RUN["warmup_cap"]
     # once found, t_w never moves
     found = [w for w in run12["warmup_end"] if w is not None]
     assert found and all(w == warmup_end for w in found)
@@ -256,7 +256,7 @@ def short_run(epochs: list[float], steps_per_epoch: int = 2, **safe_kwargs):
 
 def test_per_unit_rule_with_tiny_tolerance_warms_up_until_the_cap_then_freezes():
     peft_model, timeline = short_run(
-        [1, 2, 3, 4], warmup_rule="per_unit", warmup_tolerance=1e-9, max_warmup=3, final_freeze_epoch=5, tau=1.0
+        [1, 2, 3, 4], warmup_rule="per_unit", warmup_tolerance=1e-9, warmup_cap=3, final_freeze_time=5, tau=1.0
     )
     safe = peft_model.base_model
     for t, newly, warmup_end in timeline[:2]:
@@ -275,7 +275,7 @@ def test_per_unit_rule_with_tiny_tolerance_warms_up_until_the_cap_then_freezes()
 def test_warmup_ending_at_or_after_final_freeze_time_freezes_at_tau_at_once():
     # scoring at 1 then 6: the cap (4) is passed at t=6 >= t_f=5, so T jumps straight to tau
     peft_model, timeline = short_run(
-        [1, 6], warmup_rule="per_unit", warmup_tolerance=1e-9, max_warmup=4, final_freeze_epoch=5, tau=1.0
+        [1, 6], warmup_rule="per_unit", warmup_tolerance=1e-9, warmup_cap=4, final_freeze_time=5, tau=1.0
     )
     safe = peft_model.base_model
     assert timeline[0][1] == [] and timeline[0][2] is None
@@ -375,7 +375,7 @@ def test_scoring_that_freezes_nothing_trains_bit_identically_to_plain_lora():
         config = LoraConfig(r=4, target_modules=["query", "value"], lora_dropout=0.1, task_type="SEQ_CLS")
         if use_safe:  # warm-up can never end here, so the threshold stays 0 and nothing freezes
             config = SAFEConfig(adapter_config=config, task_type="SEQ_CLS", schedule_unit="step", scoring_interval=1,
-                                final_freeze_epoch=10_000, max_warmup=9_999, warmup_tolerance=1e-12)
+                                final_freeze_time=10_000, warmup_cap=9_999, warmup_tolerance=1e-12)
         return get_peft_model(base, config)
 
     def trainable(model) -> dict[str, torch.Tensor]:

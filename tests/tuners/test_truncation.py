@@ -18,7 +18,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from peft_safe.measure import measure_training_step
-from peft_safe.tuners.truncation import _needs_grad_input, upstream_wants_grad
+from peft_safe.safe.truncation import _needs_grad_input, upstream_wants_grad
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 

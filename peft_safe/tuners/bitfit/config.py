@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from peft.config import PeftConfig
 
-from ..._registry import _peft_type_member
+from ..._peft_types import BITFIT_PEFT_TYPE
 
 
 @dataclass
@@ -62,7 +62,7 @@ class BitFitConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = _peft_type_member("BITFIT")
+        self.peft_type = BITFIT_PEFT_TYPE
         if not isinstance(self.init_weights, bool):
             raise ValueError(f"init_weights must be True or False, got {self.init_weights!r}.")
         for name in ("target_modules", "exclude_modules"):

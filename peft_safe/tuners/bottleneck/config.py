@@ -9,7 +9,7 @@ from typing import Any
 
 from peft.config import PeftConfig
 
-from ..._registry import _peft_type_member
+from ..._peft_types import BOTTLENECK_PEFT_TYPE
 from .adapter import ACTIVATIONS
 from .placement import PRESETS
 
@@ -102,7 +102,7 @@ class BottleneckConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.peft_type = _peft_type_member("BOTTLENECK")
+        self.peft_type = BOTTLENECK_PEFT_TYPE
         if self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {list(PRESETS)}, got {self.preset!r}.")
         expected = _CLASS_PRESETS.get(type(self))

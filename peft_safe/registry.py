@@ -1,10 +1,11 @@
-"""The only module that touches peft's type registries.
+"""The only module that fills peft's type registries.
 
-peft keeps its method names in a closed ``str`` enum (``PeftType``) and ``register_peft_method`` refuses any
-name that is not already a member. We add the member to the enum's own lookup tables (the same tables that
-``PeftType("SAFE")``, ``PeftType.SAFE`` and ``list(PeftType)`` read) and then fill peft's mapping dicts, the
-same dicts ``register_peft_method`` fills. Every step is idempotent, so importing :mod:`peft_safe` twice, or
-re-running :func:`register`, changes nothing.
+peft refuses ``register_peft_method`` for a name that is not a member of its closed ``PeftType`` enum; the
+members come from :mod:`peft_safe._peft_types`, and this module fills peft's mapping dicts with the configs and
+tuners, the same dicts ``register_peft_method`` fills. Every step is idempotent, so importing :mod:`peft_safe`
+twice, or re-running :func:`register`, changes nothing.
+
+Imports: peft's mappings, and this package's configs and tuners (never the Trainer or measurement code).
 """
 
 from __future__ import annotations
@@ -18,26 +19,21 @@ from peft.mapping import (
 )
 from peft.utils import PeftType
 
+from ._peft_types import peft_type_member
+from .safe.config import SAFEConfig
+from .safe.model import SAFEModel
+from .tuners.bitfit import BitFitConfig, BitFitModel
+from .tuners.bottleneck import BottleneckConfig, BottleneckModel
+
 logger = logging.getLogger(__name__)
 
-
-def _peft_type_member(name: str) -> PeftType:
-    """Return ``PeftType[name]``, adding the member to the enum first if it is not there."""
-    if name in PeftType._member_map_:
-        return PeftType._member_map_[name]
-    member = str.__new__(PeftType, name)
-    member._name_ = name
-    member._value_ = name
-    PeftType._member_map_[name] = member
-    PeftType._value2member_map_[name] = member
-    PeftType._member_names_.append(name)
-    # Python 3.11 resolves ``PeftType.NAME`` through ``_member_map_``; 3.12+ looks in the class dict.
-    if getattr(PeftType, name, None) is not member:
-        type.__setattr__(PeftType, name, member)
-    return member
-
-
-SAFE_PEFT_TYPE = _peft_type_member("SAFE")
+# (peft type, config, tuner, parameter prefix): every tuner this package provides. SAFE has no prefix of its
+# own: its parameter names are the wrapped adapter's.
+TUNERS: tuple[tuple[str, type, type, str | None], ...] = (
+    ("SAFE", SAFEConfig, SAFEModel, None),
+    ("BOTTLENECK", BottleneckConfig, BottleneckModel, "bottleneck_"),
+    ("BITFIT", BitFitConfig, BitFitModel, "bitfit_"),
+)
 
 
 def _same_class(a: type, b: type) -> bool:
@@ -63,7 +59,7 @@ def register_peft_type(name: str, config_cls: type, model_cls: type, prefix: str
     """
     if not name.isupper() or not name.replace("_", "").isalnum():
         raise ValueError(f"peft type names are upper-case identifiers, got {name!r}; use e.g. 'SAFE'.")
-    peft_type = _peft_type_member(name)
+    peft_type = peft_type_member(name)
     for mapping, cls in ((PEFT_TYPE_TO_CONFIG_MAPPING, config_cls), (PEFT_TYPE_TO_TUNER_MAPPING, model_cls)):
         existing = mapping.get(peft_type)
         if existing is not None and not _same_class(existing, cls):
@@ -83,20 +79,5 @@ def register_peft_type(name: str, config_cls: type, model_cls: type, prefix: str
 
 def register() -> None:
     """Register every tuner type this package provides. Safe to call any number of times."""
-    from .config import SAFEConfig
-    from .tuners.safe import SAFEModel
-
-    register_peft_type("SAFE", SAFEConfig, SAFEModel)
-    for name, config_cls, model_cls, prefix in _extra_tuners():
+    for name, config_cls, model_cls, prefix in TUNERS:
         register_peft_type(name, config_cls, model_cls, prefix)
-
-
-def _extra_tuners() -> list[tuple[str, type, type, str]]:
-    """Stand-alone tuners shipped here (bottleneck adapters, BitFit), registered under their own peft types."""
-    from .tuners.bitfit import BitFitConfig, BitFitModel
-    from .tuners.bottleneck import BottleneckConfig, BottleneckModel
-
-    return [
-        ("BOTTLENECK", BottleneckConfig, BottleneckModel, "bottleneck_"),
-        ("BITFIT", BitFitConfig, BitFitModel, "bitfit_"),
-    ]

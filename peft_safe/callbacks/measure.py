@@ -14,12 +14,10 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..measure.tracker import MemorySummary, StepRecord, TrainingMeter, check_meter_options
+from ..measure.memory import MIB
+from ..measure.meter import MemorySummary, StepRecord, TrainingMeter, check_meter_options
 
 __all__ = ["MeasureCallback"]
-
-_MIB = 2**20
-
 
 class MeasureCallback(TrainerCallback):
     """Record activation, gradient and optimizer-state bytes (and optionally FLOPs) during ``Trainer.train()``.
@@ -92,7 +90,7 @@ class MeasureCallback(TrainerCallback):
         state.log_history.append({"step": record.step, "epoch": state.epoch, **figures})
         if record.measured:
             self._latest = {
-                f"{key.removesuffix('_bytes')}_mib": round(value / _MIB, 3)
+                f"{key.removesuffix('_bytes')}_mib": round(value / MIB, 3)
                 for key, value in figures.items()
                 if key.endswith("_bytes")
             }

@@ -1,37 +1,31 @@
-"""SAFEConfig: the wrapped adapter's config plus SAFE's hyper-parameters."""
+"""SAFEConfig: the wrapped adapter's config plus SAFE's hyper-parameters, checked when set.
+
+Imports: peft's ``PeftConfig`` and its config mapping, ``core.schedule`` (the allowed values) and the peft type
+members; nothing that runs a model.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import InitVar, dataclass, field
 from typing import Any, Literal
 
 from peft.config import PeftConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-from ._registry import SAFE_PEFT_TYPE
+from .._peft_types import SAFE_PEFT_TYPE, SUPPORTED_ADAPTER_TYPES, peft_type_name
+from ..core.schedule import DEFAULT_WARMUP_TOLERANCE, SCORE_SCALES, WARMUP_RULES
 
-WARMUP_RULES = ("relative_norm", "per_unit")
-# relative_norm: above the 2-30 % jitter between scorings of settled scores, below the 50-90 % of their growth
-# (MiniLM + LoRA, docs/method.md); per_unit: the paper's 5 %.
-DEFAULT_WARMUP_TOLERANCE = {"relative_norm": 0.15, "per_unit": 0.05}
 SCHEDULE_UNITS = ("epoch", "step")
-IMPORTANCE_SCALES = ("normalized", "raw")
+
+# Fields renamed since 0.1.0: old name -> new name. Saved configs and the integrity records of checkpoints
+# written before the rename carry the old names; both load, the old names with a FutureWarning.
+RENAMED_FIELDS = {"final_freeze_epoch": "final_freeze_time", "max_warmup": "warmup_cap"}
 
 # PeftConfig fields that SAFEConfig and the wrapped adapter config both carry; kept equal on both.
 _MIRRORED_FIELDS = ("task_type", "inference_mode", "base_model_name_or_path", "revision")
-
-
-def _supported_adapter_types() -> tuple[str, ...]:
-    from .tuners.safe import SUPPORTED_ADAPTER_TYPES
-
-    return tuple(SUPPORTED_ADAPTER_TYPES)
-
-
-def peft_type_name(peft_type: Any) -> str:
-    """``"LORA"`` for ``PeftType.LORA`` or ``"LORA"`` (``str()`` of a str-enum member is ``"PeftType.LORA"``)."""
-    return str(getattr(peft_type, "value", peft_type))
 
 
 def _sets_to_lists(value: Any) -> Any:
@@ -59,7 +53,8 @@ class SAFEConfig(PeftConfig):
     Args:
         adapter_config: the wrapped adapter's config (``LoraConfig(...)``) or its dict form.
         tau: final freezing threshold, in (0, 1]. Units whose importance is below the threshold freeze.
-        final_freeze_epoch: t_f, the time (in ``schedule_unit``) at which the threshold reaches ``tau``.
+        final_freeze_time: t_f, the time (in ``schedule_unit``: epochs or optimizer steps) at which the threshold
+            reaches ``tau``. Called ``final_freeze_epoch`` before 0.2, a name still accepted (deprecated).
         schedule_unit: ``"epoch"`` or ``"step"`` (optimizer steps); the unit of every time below.
         scoring_interval: score importance every this many schedule units.
         warmup_rule: ``"relative_norm"`` (default): warm-up ends once the importance vector moves by less than
@@ -69,7 +64,8 @@ class SAFEConfig(PeftConfig):
             jitter of scores between scorings once they have settled, measured in docs/method.md) and the paper's
             0.05 for ``"per_unit"``.
         warmup_floor: with ``"per_unit"``, scores below this absolute value never block the end of warm-up.
-        max_warmup: cap on warm-up length; ``None`` means half of ``final_freeze_epoch``.
+        warmup_cap: the latest time at which warm-up ends; ``None`` means half of ``final_freeze_time``. Called
+            ``max_warmup`` before 0.2, a name still accepted (deprecated). :attr:`warmup_cap_value` resolves it.
         importance_scale: ``"normalized"`` (scores divided by the largest unit's score) or ``"raw"``.
         probe_tokens: token budget per unit for one CKA: real tokens are subsampled to at most this many.
         blocks_path: dotted path (from the base model) of the list of transformer blocks; found automatically
@@ -89,7 +85,7 @@ class SAFEConfig(PeftConfig):
         default=None, metadata={"help": "Config (or dict) of the wrapped adapter: LoRA, AdaLoRA, Houlsby, Pfeiffer, BitFit."}
     )
     tau: float = field(default=0.3, metadata={"help": "Final freezing threshold on the importance score, in (0, 1]."})
-    final_freeze_epoch: float = field(
+    final_freeze_time: float = field(
         default=5, metadata={"help": "t_f: time (in schedule_unit) at which the threshold reaches tau."}
     )
     schedule_unit: Literal["epoch", "step"] = field(
@@ -108,8 +104,8 @@ class SAFEConfig(PeftConfig):
     warmup_floor: float = field(
         default=0.0, metadata={"help": "'per_unit' rule: scores below this never block the end of warm-up."}
     )
-    max_warmup: float | None = field(
-        default=None, metadata={"help": "Cap on warm-up length; None: half of final_freeze_epoch."}
+    warmup_cap: float | None = field(
+        default=None, metadata={"help": "Latest time at which warm-up ends; None: half of final_freeze_time."}
     )
     importance_scale: Literal["normalized", "raw"] = field(
         default="normalized", metadata={"help": "'normalized' (divided by the top unit's score) or 'raw'."}
@@ -119,10 +115,16 @@ class SAFEConfig(PeftConfig):
         default=None, metadata={"help": "Dotted path of the transformer block list; found automatically if None."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of the probe-token subsampling."})
+    # Deprecated names, accepted by __init__ (and so from saved configs) and mapped onto the fields above.
+    final_freeze_epoch: InitVar[float | None] = None
+    max_warmup: InitVar[float | None] = None
 
     # ------------------------------------------------------------------ validation
-    def __post_init__(self) -> None:
+    def __post_init__(self, final_freeze_epoch: float | None = None, max_warmup: float | None = None) -> None:
         super().__post_init__()
+        for old, value in (("final_freeze_epoch", final_freeze_epoch), ("max_warmup", max_warmup)):
+            if value is not None:
+                self._set_renamed(old, value, at_init=True)
         self.peft_type = SAFE_PEFT_TYPE
         self.adapter_config = self._build_adapter_config(self.adapter_config)
         for name in _MIRRORED_FIELDS:
@@ -134,7 +136,7 @@ class SAFEConfig(PeftConfig):
         self._validate()
 
     def _build_adapter_config(self, adapter_config: Any) -> PeftConfig:
-        supported = _supported_adapter_types()
+        supported = SUPPORTED_ADAPTER_TYPES
         if adapter_config is None:
             raise ValueError(
                 "SAFEConfig needs adapter_config, the config of the adapter SAFE wraps, e.g. "
@@ -178,15 +180,15 @@ class SAFEConfig(PeftConfig):
 
         if not 0.0 < finite("tau") <= 1.0:
             raise ValueError(f"tau must be in (0, 1], got {self.tau!r}; it is the final threshold on importance.")
-        if finite("final_freeze_epoch") <= 0:
-            raise ValueError(f"final_freeze_epoch must be > 0, got {self.final_freeze_epoch!r}.")
+        if finite("final_freeze_time") <= 0:
+            raise ValueError(f"final_freeze_time must be > 0, got {self.final_freeze_time!r}.")
         if finite("scoring_interval") <= 0:
             raise ValueError(f"scoring_interval must be > 0, got {self.scoring_interval!r}.")
-        if self.scoring_interval > self.final_freeze_epoch:
+        if self.scoring_interval > self.final_freeze_time:
             raise ValueError(
-                f"scoring_interval ({self.scoring_interval}) is longer than final_freeze_epoch "
-                f"({self.final_freeze_epoch}): the first scoring would come after the threshold reached tau, so "
-                "units would freeze on a single score; lower scoring_interval or raise final_freeze_epoch."
+                f"scoring_interval ({self.scoring_interval}) is longer than final_freeze_time "
+                f"({self.final_freeze_time}): the first scoring would come after the threshold reached tau, so "
+                "units would freeze on a single score; lower scoring_interval or raise final_freeze_time."
             )
         if self.warmup_tolerance is not None and finite("warmup_tolerance") <= 0:
             raise ValueError(
@@ -195,18 +197,18 @@ class SAFEConfig(PeftConfig):
             )
         if finite("warmup_floor") < 0:
             raise ValueError(f"warmup_floor must be >= 0, got {self.warmup_floor!r}.")
-        if self.max_warmup is not None:
-            if finite("max_warmup") <= 0:
-                raise ValueError(f"max_warmup must be > 0 or None, got {self.max_warmup!r}.")
-            if self.max_warmup >= self.final_freeze_epoch:
+        if self.warmup_cap is not None:
+            if finite("warmup_cap") <= 0:
+                raise ValueError(f"warmup_cap must be > 0 or None, got {self.warmup_cap!r}.")
+            if self.warmup_cap >= self.final_freeze_time:
                 raise ValueError(
-                    f"final_freeze_epoch ({self.final_freeze_epoch}) must come after the warm-up cap "
-                    f"max_warmup ({self.max_warmup}); raise final_freeze_epoch or lower max_warmup."
+                    f"final_freeze_time ({self.final_freeze_time}) must come after the warm-up cap "
+                    f"warmup_cap ({self.warmup_cap}); raise final_freeze_time or lower warmup_cap."
                 )
         for name, allowed in (
             ("warmup_rule", WARMUP_RULES),
             ("schedule_unit", SCHEDULE_UNITS),
-            ("importance_scale", IMPORTANCE_SCALES),
+            ("importance_scale", SCORE_SCALES),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
@@ -219,9 +221,9 @@ class SAFEConfig(PeftConfig):
 
     # ------------------------------------------------------------------ derived values
     @property
-    def warmup_cap(self) -> float:
-        """The latest time at which warm-up ends."""
-        return self.max_warmup if self.max_warmup is not None else self.final_freeze_epoch / 2
+    def warmup_cap_value(self) -> float:
+        """The latest time at which warm-up ends: ``warmup_cap``, or half of ``final_freeze_time`` when it is None."""
+        return self.warmup_cap if self.warmup_cap is not None else self.final_freeze_time / 2
 
     @property
     def warmup_tolerance_value(self) -> float:
@@ -234,6 +236,21 @@ class SAFEConfig(PeftConfig):
     def adapter_peft_type(self) -> str:
         return peft_type_name(self.adapter_config.peft_type)
 
+    # ------------------------------------------------------------------ deprecated names
+    def _set_renamed(self, old: str, value: Any, at_init: bool = False) -> None:
+        new = RENAMED_FIELDS[old]
+        warnings.warn(
+            f"SAFEConfig.{old} is deprecated and will be removed in peft_safe 0.3; use {new} (same meaning). "
+            f"Re-saving the adapter writes the new name.",
+            FutureWarning,
+            stacklevel=4,
+        )
+        default = self.__dataclass_fields__[new].default
+        current = self.__dict__.get(new, default)
+        if at_init and current != default and current != value:
+            raise ValueError(f"SAFEConfig got {old}={value!r} and {new}={current!r}; pass only {new}.")
+        object.__setattr__(self, new, value)
+
     # ------------------------------------------------------------------ delegation to the wrapped config
     def __getattr__(self, name: str) -> Any:
         # Only called when normal lookup fails: fields of the wrapped config (r, target_modules, ...).
@@ -245,6 +262,10 @@ class SAFEConfig(PeftConfig):
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name in RENAMED_FIELDS:
+            self._set_renamed(name, value)
+            self._validate()
+            return
         adapter_config = self.__dict__.get("adapter_config")
         own = name in self.__dataclass_fields__ or name.startswith("_")
         if isinstance(adapter_config, PeftConfig):
@@ -259,3 +280,19 @@ class SAFEConfig(PeftConfig):
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "adapter_config"}
         out["adapter_config"] = _sets_to_lists(self.adapter_config.to_dict())
         return _sets_to_lists(out)
+
+
+def _renamed_reader(old: str) -> property:
+    new = RENAMED_FIELDS[old]
+
+    def read(self: SAFEConfig) -> Any:
+        warnings.warn(f"SAFEConfig.{old} is deprecated; read {new} instead.", FutureWarning, stacklevel=2)
+        return getattr(self, new)
+
+    return property(read, doc=f"Deprecated name of :attr:`{new}`.")
+
+
+# The deprecated names read through to the new fields (assignment goes through SAFEConfig.__setattr__).
+for _old in RENAMED_FIELDS:
+    setattr(SAFEConfig, _old, _renamed_reader(_old))
+del _old

@@ -16,7 +16,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..tuners.safe import SAFEModel, _find_safe_model
+from ..safe.model import SAFEModel, find_safe_model
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class SAFECallback(TrainerCallback):
                 "Trainer's default for peft models), got False: frozen units stop producing gradients."
             )
         self._probe_batches = self._build_probe_batches(kwargs["model"], kwargs.get("processing_class"))
-        config = safe.peft_config[safe._safe_adapter]
+        config = safe.safe_config
         logger.info(
             "SAFE: %d units, scoring every %s %s(s) on %d probe batches",
             len(safe.adapter_units), config.scoring_interval, config.schedule_unit, len(self._probe_batches),
@@ -132,23 +132,23 @@ class SAFECallback(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         safe = self._safe(kwargs["model"])
-        if safe.peft_config[safe._safe_adapter].schedule_unit == "step":
+        if safe.safe_config.schedule_unit == "step":
             self._maybe_score(safe, state.global_step, state, kwargs.get("optimizer"))
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         safe = self._safe(kwargs["model"])
-        if safe.peft_config[safe._safe_adapter].schedule_unit == "epoch":
+        if safe.safe_config.schedule_unit == "epoch":
             self._maybe_score(safe, round(state.epoch or 0.0, 6), state, kwargs.get("optimizer"))
 
     # ------------------------------------------------------------------ internals
     def _safe(self, model: Any) -> SAFEModel:
-        safe = _find_safe_model(_unwrap(model))
+        safe = find_safe_model(_unwrap(model))
         if safe is None:
             raise ValueError("SAFECallback needs a model made by get_peft_model(model, SAFEConfig(...)).")
         return safe
 
     def _maybe_score(self, safe: SAFEModel, t: float, state: TrainerState, optimizer: Any) -> None:
-        interval = safe.peft_config[safe._safe_adapter].scoring_interval
+        interval = safe.safe_config.scoring_interval
         ratio = t / interval
         if t <= 0 or not math.isclose(ratio, round(ratio), abs_tol=1e-6):
             return

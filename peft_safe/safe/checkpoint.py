@@ -1,0 +1,175 @@
+"""The SAFE payload of a checkpoint: the freeze state, written into the adapter weights file and checked on load.
+
+The freeze state (which units froze, when, the importance history, the end of warm-up) travels as one uint8
+tensor of JSON under :data:`FREEZE_STATE_KEY` in ``adapter_model.safetensors``, so weights and freeze decisions
+are one atomic file and Trainer checkpoints carry them without any hook of their own. Beside the state the
+payload holds an *integrity record*: the config the weights were saved with and a digest of every tensor.
+peft writes ``adapter_model.safetensors`` before ``adapter_config.json``,
+so an interrupted save over an older checkpoint leaves new weights next to the old config; a bit flip leaves
+a file that parses. With the record, either is a clear error on load instead of a wrong model.
+
+Everything here is checked before anything is loaded: a failed load leaves the model as it was.
+
+Imports: torch, and of this package only ``core.state`` and the SAFE config (for its fields).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.state import FreezeState, parse_state_json
+from .config import RENAMED_FIELDS, SAFEConfig
+
+__all__ = ["FREEZE_STATE_KEY", "check_loadable", "decode_payload", "encode_payload"]
+
+# Key of the freeze state in the adapter state dict (peft strips the adapter name, not this key).
+FREEZE_STATE_KEY = "base_model.safe_freeze_state"
+
+# Fields that legitimately differ between the config saved with the weights and the one they are loaded with:
+# peft sets inference_mode on load and base_model_name_or_path / auto_mapping on save, peft_version follows the
+# installed peft, and AdaLoRA's rank allocation rewrites rank_pattern while training.
+_VOLATILE_CONFIG_FIELDS = ("inference_mode", "base_model_name_or_path", "revision", "peft_version", "auto_mapping",
+                           "rank_pattern")
+
+
+def encode_payload(state: FreezeState, config: SAFEConfig, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The uint8 tensor that stores ``state`` beside ``tensors``, with the integrity record of both."""
+    record = {**state.to_dict(), "integrity": _integrity_record(config, tensors)}
+    payload = json.dumps(record, sort_keys=True, allow_nan=False).encode("utf-8")
+    return torch.frombuffer(bytearray(payload), dtype=torch.uint8).clone()
+
+
+def decode_payload(
+    payload: Any, config: SAFEConfig, tensors: dict[str, torch.Tensor], units: list[str]
+) -> FreezeState:
+    """The freeze state stored in ``payload``, after checking it against the model, the config and the tensors.
+
+    Args:
+        payload: the tensor found under :data:`FREEZE_STATE_KEY`.
+        config: the SAFE config the checkpoint is loaded with.
+        tensors: the checkpoint's other tensors.
+        units: the adapter units of the model it is loaded into.
+
+    Raises:
+        ValueError: if the payload is corrupt, belongs to another model, adapter type or config, or a tensor does
+            not match its recorded digest.
+    """
+    if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.dim() != 1:
+        raise ValueError("the SAFE freeze state in this checkpoint is not a byte tensor; the file is corrupt.")
+    try:
+        text = bytes(payload.cpu().tolist()).decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"the SAFE freeze state in this checkpoint is not UTF-8 ({err}); the file is corrupt.") from err
+    data = parse_state_json(text)  # parsed once: the state and the integrity record share it
+    state = FreezeState.from_dict(data)
+    if state.units != units:
+        raise ValueError(
+            f"this SAFE checkpoint was saved from a model with units {state.units}, but this model has units "
+            f"{units}; load it onto the same architecture and adapter targets it was trained with."
+        )
+    expected = config.adapter_peft_type
+    if state.adapter_type and state.adapter_type != expected:
+        raise ValueError(f"this SAFE checkpoint wraps a {state.adapter_type} adapter but the config wraps {expected}.")
+    integrity = data.get("integrity")
+    if integrity is not None:  # checkpoints written before the record existed have none
+        _check_integrity(integrity, config, tensors)
+    return state
+
+
+def check_loadable(state_dict: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """Raise if a tensor of ``state_dict`` has another shape than the model's: before any is applied.
+
+    Raises:
+        ValueError: naming the first mismatching keys and both shapes.
+    """
+    own = model.state_dict()
+    prefixed = any(k.startswith("base_model.model.") for k in own)
+    wrong = []
+    for key, value in state_dict.items():
+        target = own.get(key if prefixed else key.removeprefix("base_model.model."))
+        if target is not None and tuple(target.shape) != tuple(value.shape):
+            wrong.append(f"{key}: checkpoint {tuple(value.shape)}, model {tuple(target.shape)}")
+    if wrong:
+        raise ValueError(
+            "this SAFE checkpoint does not fit the model (was it saved from another model or adapter config?): "
+            + "; ".join(wrong[:5])
+        )
+
+
+# ---------------------------------------------------------------------------------------------- integrity
+def _integrity_record(config: SAFEConfig, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    return {"config": _config_fingerprint(config), "tensor_sha256": sorted(_tensor_digest(t) for t in tensors.values())}
+
+
+def _config_fingerprint(config: SAFEConfig) -> dict[str, Any]:
+    def strip(data: dict[str, Any]) -> dict[str, Any]:
+        # Lists of names are sets in meaning (peft appends the task's heads to modules_to_save on every load).
+        return {
+            k: sorted(set(v)) if isinstance(v, list) and all(isinstance(i, str) for i in v) else v
+            for k, v in data.items()
+            if k not in _VOLATILE_CONFIG_FIELDS
+        }
+
+    data = config.to_dict()
+    data = {**strip(data), "adapter_config": strip(data["adapter_config"])}
+    return json.loads(json.dumps(data, sort_keys=True, default=str))  # the form it has after a JSON round trip
+
+
+def _tensor_digest(tensor: torch.Tensor) -> str:
+    data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+    header = f"{str(tensor.dtype).removeprefix('torch.')}{tuple(tensor.shape)}".encode()
+    return hashlib.sha256(header + data).hexdigest()[:32]
+
+
+def _check_integrity(integrity: Any, config: SAFEConfig, state_dict: dict[str, torch.Tensor]) -> None:
+    """Raise if the weights file does not belong to ``config`` or was damaged."""
+    if not isinstance(integrity, dict):
+        raise ValueError("the SAFE freeze state's 'integrity' record is malformed; the checkpoint is corrupt.")
+    saved = integrity.get("config")
+    if isinstance(saved, dict):
+        # checkpoints written before a field was renamed record it under its old name
+        saved = {RENAMED_FIELDS.get(k, k): v for k, v in saved.items()}
+    if saved is not None:
+        diffs = _config_differences(saved, _config_fingerprint(config))
+        if diffs:
+            raise ValueError(
+                "this SAFE weights file was saved with another config than the one loading it ("
+                + "; ".join(diffs[:5])
+                + "). Either adapter_config.json is stale (a save interrupted between writing the weights and the "
+                "config) or a different config was passed in: load it with the config saved next to it, and change "
+                "hyper-parameters afterwards through model.peft_config[adapter_name] if you mean to."
+            )
+    digests = integrity.get("tensor_sha256")
+    if digests is not None:
+        available: dict[str, int] = {}
+        for tensor in state_dict.values():
+            if isinstance(tensor, torch.Tensor):
+                digest = _tensor_digest(tensor)
+                available[digest] = available.get(digest, 0) + 1
+        for digest in digests:
+            if available.get(digest, 0) == 0:
+                raise ValueError(
+                    "a tensor in this SAFE weights file does not match the checksum recorded when it was saved: "
+                    "the file is corrupt (damaged on disk or in transfer). Restore it from a good copy."
+                )
+            available[digest] -= 1
+
+
+def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``"field: weights X, config Y"`` for each field (the wrapped config's too) that differs."""
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        if key == "adapter_config":
+            continue
+        if saved.get(key) != current.get(key):
+            diffs.append(f"{key}: weights {saved.get(key)!r}, config {current.get(key)!r}")
+    inner_saved, inner_current = saved.get("adapter_config", {}), current.get("adapter_config", {})
+    for key in sorted(set(inner_saved) | set(inner_current)):
+        if inner_saved.get(key) != inner_current.get(key):
+            diffs.append(f"adapter_config.{key}: weights {inner_saved.get(key)!r}, config {inner_current.get(key)!r}")
+    return diffs

@@ -1,0 +1,450 @@
+"""SAFEModel: the wrapped adapter's tuner, plus SAFE's public API and the overrides that keep frozen units frozen.
+
+``SAFEModel(model, config)`` returns an instance of a subclass built once per wrapped tuner, e.g.
+``SAFELoraModel(SAFEModel, LoraModel)``: injection, merging, unloading and the wrapped method's own extras
+(AdaLoRA's ``update_and_allocate``) are the wrapped tuner's code, unchanged. SAFE overrides only what it
+must: the methods through which peft sets ``requires_grad`` (so frozen units stay frozen), and the
+adapter state-dict hooks (so the freeze state travels inside the checkpoint).
+
+This module is the tuner's shell; the parts live beside it: ``units`` (what a unit is), ``scoring`` (1 - CKA
+per unit), ``core.policy`` (the schedule), ``optimizer`` (what freezing frees), ``truncation`` (backprop cut),
+``checkpoint`` (the payload and its checks), ``adalora`` (rank allocation), ``distributed`` (ranks agree).
+
+Imports: peft's tuner machinery and this package's ``core`` and ``safe``; never transformers' Trainer.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils.error import NoMatchingPeftModuleError
+from torch import nn
+
+from ..core.policy import SchedulePolicy, check_scoring_time
+from ..core.schedule import normalize_scores
+from ..core.state import FreezeState
+from .adalora import allocate_trainable_ranks
+from .checkpoint import FREEZE_STATE_KEY, check_loadable, decode_payload, encode_payload
+from .config import SAFEConfig
+from .distributed import agree_on_scores
+from .optimizer import check_optimizer, drop_from_optimizer
+from .scoring import compute_importance
+from .truncation import BackpropCut
+from .units import AdapterUnit, find_adapter_units, unit_parameters
+
+__all__ = ["SAFEModel", "find_safe_model"]
+
+logger = logging.getLogger(__name__)
+
+
+def _wrapped_tuner_cls(config: SAFEConfig) -> type[BaseTuner]:
+    return PEFT_TYPE_TO_TUNER_MAPPING[config.adapter_config.peft_type]
+
+
+@functools.cache
+def _safe_class_for(tuner_cls: type[BaseTuner]) -> type[SAFEModel]:
+    """``SAFE<Tuner>(SAFEModel, <Tuner>)``, built once per wrapped tuner; :func:`__getattr__` finds it by name."""
+    name = f"SAFE{tuner_cls.__name__}"
+    return type(
+        name,
+        (SAFEModel, tuner_cls),
+        {
+            "__module__": __name__,
+            "__qualname__": name,
+            "prefix": tuner_cls.prefix,
+            "tuner_layer_cls": tuner_cls.tuner_layer_cls,
+            "target_module_mapping": tuner_cls.target_module_mapping,
+        },
+    )
+
+
+def __getattr__(name: str) -> type[SAFEModel]:
+    # Pickle (and copy) find a class by module and name: resolve ``SAFELoraModel`` to the cached subclass of the
+    # registered tuner of that name, building it on first use (an unpickling process may not have built it yet).
+    if name.startswith("SAFE"):
+        for tuner_cls in list(PEFT_TYPE_TO_TUNER_MAPPING.values()):
+            if f"SAFE{tuner_cls.__name__}" == name and not issubclass(tuner_cls, SAFEModel):
+                return _safe_class_for(tuner_cls)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def find_safe_model(model: nn.Module) -> SAFEModel | None:
+    """The SAFE tuner inside ``model`` (a PeftModel, a SAFEModel or any module holding one), or ``None``."""
+    if isinstance(model, SAFEModel):
+        return model
+    base = getattr(model, "base_model", None)
+    if isinstance(base, SAFEModel):
+        return base
+    return next((m for m in model.modules() if isinstance(m, SAFEModel)), None)
+
+
+class SAFEModel(BaseTuner):
+    """SAFE (Selective Adapter FrEezing) around a peft adapter.
+
+    Created by ``get_peft_model(model, SAFEConfig(...))``; reach it as ``peft_model.base_model``.
+
+    Args:
+        model: the model to adapt.
+        config: a :class:`SAFEConfig` (or a dict of them by adapter name).
+        adapter_name: name of the adapter, ``"default"`` by default.
+
+    Example:
+        >>> peft_model = get_peft_model(model, SAFEConfig(adapter_config=LoraConfig(target_modules=["query"])))
+        >>> safe = peft_model.base_model
+        >>> safe.adapter_units            # ['bert.encoder.layer.0', ...]
+        >>> safe.freeze([0, 1], optimizer=optimizer)
+    """
+
+    prefix: str = "safe_"  # the concrete subclass takes the wrapped tuner's prefix
+    tuner_layer_cls = BaseTunerLayer
+    target_module_mapping: dict = {}
+    # The freeze state lives on the tuner, so inject_adapter_in_model (which drops the tuner) is refused.
+    uses_shared_state = True
+
+    def __new__(cls, model: nn.Module | None = None, config: Any = None, adapter_name: str = "default", **kwargs: Any):
+        # copy.deepcopy reconstructs through cls.__new__(cls): cls is then already the concrete subclass.
+        if cls is SAFEModel:
+            safe_config = config[adapter_name] if isinstance(config, dict) else config
+            if not isinstance(safe_config, SAFEConfig):
+                raise TypeError(f"SAFEModel needs a SAFEConfig, got {type(safe_config).__name__}.")
+            cls = _safe_class_for(_wrapped_tuner_cls(safe_config))
+        return super().__new__(cls)
+
+    def __init__(self, model: nn.Module, config: Any, adapter_name: str = "default", **kwargs: Any) -> None:
+        # set before injection: peft's injection calls set_adapter, which re-applies the freeze state
+        self._freeze_states: dict[str, FreezeState] = {}
+        self._backprop_cut = BackpropCut()
+        super().__init__(model, config, adapter_name, **kwargs)
+
+    # ------------------------------------------------------------------ config plumbing
+    def _prepare_adapter_config(self, peft_config: Any, model_config: dict) -> Any:
+        # From here on peft's injection works with the wrapped adapter's own config object.
+        inner = peft_config.adapter_config if isinstance(peft_config, SAFEConfig) else peft_config
+        return super()._prepare_adapter_config(inner, model_config)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        config = self.peft_config[adapter_name]
+        if not isinstance(config, SAFEConfig):
+            raise TypeError(
+                f"adapter {adapter_name!r} has a {type(config).__name__}; a SAFE model takes SAFEConfig adapters only."
+            )
+        try:
+            super().inject_adapter(model, adapter_name, **kwargs)
+        except NoMatchingPeftModuleError as err:
+            leaves = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                             if name and not list(module.children()) and any(True for _ in module.parameters())})
+            raise NoMatchingPeftModuleError(
+                f"target_modules={getattr(config.adapter_config, 'target_modules', None)!r} of the wrapped "
+                f"{config.adapter_peft_type} adapter matched no module of {type(model).__name__}; name some of its "
+                f"layers instead, e.g. among {leaves[:20]}. ({err})"
+            ) from err
+        if adapter_name not in self._freeze_states:
+            self._new_freeze_state(adapter_name)
+
+    def _new_freeze_state(self, adapter_name: str) -> None:
+        config = self.peft_config[adapter_name]
+        self._freeze_states[adapter_name] = FreezeState(
+            units=[u.name for u in self._units(adapter_name)],
+            adapter_type=config.adapter_peft_type,
+            schedule_unit=config.schedule_unit,
+            final_freeze_time=config.final_freeze_time,
+        )
+
+    @property
+    def safe_adapter_name(self) -> str:
+        """The name of the active SAFE adapter: the one scored, frozen and reported."""
+        return self.active_adapters[0]
+
+    @property
+    def safe_config(self) -> SAFEConfig:
+        """The :class:`SAFEConfig` of the active adapter; change hyper-parameters on it."""
+        return self.peft_config[self.safe_adapter_name]
+
+    def _units(self, adapter_name: str | None = None) -> list[AdapterUnit]:
+        adapter_name = adapter_name or self.safe_adapter_name
+        return find_adapter_units(self.model, adapter_name, self.peft_config[adapter_name].blocks_path)
+
+    # ------------------------------------------------------------------ public surface
+    @property
+    def adapter_units(self) -> list[str]:
+        """Unit names, input side first: one per transformer block holding adapters."""
+        return [unit.name for unit in self._units()]
+
+    @property
+    def frozen_units(self) -> list[str]:
+        """Units frozen so far, in unit order."""
+        frozen = self.freeze_state.frozen
+        return [name for name in self.freeze_state.units if name in frozen]
+
+    @property
+    def freeze_state(self) -> FreezeState:
+        """The :class:`FreezeState` of the active SAFE adapter (frozen units, history, warm-up end)."""
+        return self._freeze_states[self.safe_adapter_name]
+
+    @property
+    def raw_importance(self) -> dict[str, float]:
+        """Latest raw importance (1 - CKA) per unit; empty before the first scoring."""
+        return self.freeze_state.latest_scores
+
+    @property
+    def importance(self) -> dict[str, float]:
+        """Latest importance per unit on the configured scale (what the threshold is compared with)."""
+        raw = self.raw_importance
+        return normalize_scores(raw, self.safe_config.importance_scale) if raw else {}
+
+    @property
+    def schedule(self) -> SchedulePolicy:
+        config = self.safe_config
+        return SchedulePolicy(
+            tau=config.tau,
+            final_freeze_time=config.final_freeze_time,
+            warmup_rule=config.warmup_rule,
+            warmup_tolerance=config.warmup_tolerance_value,
+            warmup_floor=config.warmup_floor,
+            warmup_cap=config.warmup_cap_value,
+            importance_scale=config.importance_scale,
+        )
+
+    def threshold(self, t: float) -> float:
+        """The freezing threshold T(t) of the schedule as it stands (0 during warm-up)."""
+        return self.schedule.threshold(t, self.freeze_state.warmup_end)
+
+    def compute_importance(self, probe_batches: Iterable[Any], units: Sequence[str | int] | None = None) -> dict[str, float]:
+        """Score units on the probe batches without changing the freeze state.
+
+        Args:
+            probe_batches: batches of model inputs.
+            units: the units to score (names or indices); all units when ``None``.
+
+        Returns:
+            unit name -> raw importance (1 - CKA).
+        """
+        config = self.safe_config
+        chosen = self._units()
+        if units is not None:
+            names = set(self._resolve_units(units))
+            chosen = [unit for unit in chosen if unit.name in names]
+        return compute_importance(self.model, chosen, probe_batches, config.probe_tokens, config.seed)
+
+    def update_and_freeze(
+        self, t: float, probe_batches: Iterable[Any], optimizer: torch.optim.Optimizer | None = None
+    ) -> list[str]:
+        """Score the trainable units, advance the schedule to time ``t``, freeze the units below the threshold.
+
+        Args:
+            t: the current time in the config's ``schedule_unit`` (epoch or optimizer step).
+            probe_batches: a few batches of model inputs (eval mode, no grad).
+            optimizer: if given, newly frozen parameters and their state leave it.
+
+        Returns:
+            The units frozen by this call.
+
+        Raises:
+            ValueError: if ``t`` is not a finite number >= 0, or lies before the previous scoring.
+            TypeError: if ``optimizer`` is not a torch optimizer.
+
+        Under ``torch.distributed`` (world size > 1) every rank must call this with the same ``t``: the scores
+        are averaged over the ranks (see :mod:`peft_safe.safe.distributed`), so all ranks freeze the same units.
+        """
+        check_scoring_time(t, self.freeze_state.last_scored)
+        check_optimizer(optimizer)
+        # Frozen units never thaw, so they are not rerun: scoring costs one probe forward plus one block rerun
+        # per trainable unit. The top unit, which normalised scores divide by, is never frozen for tau <= 1.
+        trainable = [name for name in self.adapter_units if name not in self.freeze_state.frozen]
+        scores = self.compute_importance(probe_batches, units=trainable) if trainable else {}
+        scores = agree_on_scores(scores, t)
+        newly = self.schedule.advance(self.freeze_state, t, scores)
+        if newly:
+            self.freeze(newly, optimizer=optimizer, at=t)
+        logger.info("SAFE t=%s threshold=%.4f newly frozen=%s", t, self.threshold(t), newly)
+        return newly
+
+    def freeze(
+        self, units: Sequence[str | int], optimizer: torch.optim.Optimizer | None = None, at: float | None = None
+    ) -> list[str]:
+        """Freeze units now: ``requires_grad`` off, ``.grad`` released, optimizer state deleted.
+
+        Args:
+            units: unit names (see :attr:`adapter_units`) or their indices.
+            optimizer: if given, the frozen parameters and their state (Adam moments) leave it.
+            at: time recorded as the freezing time; defaults to the latest scoring time.
+
+        Returns:
+            The names of the units that were not frozen before.
+
+        Raises:
+            ValueError: if a unit is unknown.
+            TypeError: if ``units`` is not a unit, a list of units, or ``optimizer`` is not a torch optimizer.
+        """
+        if units is None or not isinstance(units, (str, int, Sequence)):
+            raise TypeError(
+                f"freeze() takes a unit name or index, or a list of them (see adapter_units), got {units!r}."
+            )
+        check_optimizer(optimizer)
+        names = self._resolve_units(units)
+        state = self.freeze_state
+        newly = [name for name in names if name not in state.frozen]
+        for name in newly:
+            state.frozen[name] = at if at is not None else state.last_scored
+        self._apply_freeze_state(optimizer)
+        return newly
+
+    def _resolve_units(self, units: Sequence[str | int] | str) -> list[str]:
+        if isinstance(units, (str, int)):
+            units = [units]
+        available = self.adapter_units
+        names = []
+        for unit in units:
+            if isinstance(unit, int) and not isinstance(unit, bool):
+                if not -len(available) <= unit < len(available):
+                    raise ValueError(f"unit index {unit} is out of range; the model has {len(available)} units.")
+                names.append(available[unit])
+            elif isinstance(unit, str) and unit in available:
+                names.append(unit)
+            else:
+                raise ValueError(f"unknown adapter unit {unit!r}; the units are {available}.")
+        return names
+
+    # ------------------------------------------------------------------ keeping frozen units frozen
+    def _apply_freeze_state(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        frozen_params = []
+        for adapter_name, state in self._freeze_states.items():
+            if not state.frozen:
+                continue
+            for unit in self._units(adapter_name):
+                if unit.name in state.frozen:
+                    frozen_params.extend(unit_parameters(unit, adapter_name))
+        for param in frozen_params:
+            param.requires_grad_(False)
+            param.grad = None
+        if optimizer is not None and frozen_params:
+            drop_from_optimizer(optimizer, frozen_params)
+        self._update_backprop_cut()
+
+    def _update_backprop_cut(self) -> None:
+        # Backprop stops at the lowest trainable block even when an input-require-grads hook (k-bit preparation,
+        # gradient checkpointing) keeps the chain below alive; see truncation.py.
+        state = self._freeze_states.get(self.active_adapters[0]) if self.active_adapters else None
+        if state is None or not state.frozen:
+            self._backprop_cut.remove()
+        else:
+            self._backprop_cut.update(self.model, self._units(), state.frozen)
+
+    @property
+    def backprop_cut_block(self) -> str | None:
+        """The block whose input SAFE detaches so that backprop stops there; ``None`` when there is no cut."""
+        return self._backprop_cut.block_name
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        super()._mark_only_adapters_as_trainable(model)
+        self._apply_freeze_state()
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        self._apply_freeze_state()
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        super()._enable_adapter_layers(enabled)
+        self._apply_freeze_state()
+
+    def enable_adapter_layers(self) -> None:
+        super().enable_adapter_layers()
+        self._apply_freeze_state()
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        self._apply_freeze_state()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._freeze_states.pop(adapter_name, None)
+
+    # ------------------------------------------------------------------ AdaLoRA's rank allocation
+    def update_and_allocate(self, global_step: int) -> None:
+        """AdaLoRA's budget schedule and rank masking, over the trainable units only.
+
+        Call it where AdaLoRA's own is called: after ``loss.backward()`` and ``optimizer.step()``, before
+        ``zero_grad()`` (:class:`~peft_safe.SAFECallback` does, at every optimizer step). While no unit is frozen
+        this is AdaLoRA's ``update_and_allocate`` unchanged. Frozen units have no gradients and must not change,
+        so once some are frozen the rank allocator sees only the trainable units: their sensitivities are
+        updated and their ranks allocated on AdaLoRA's cubic schedule, from their own initial ranks down to
+        ``target_r`` per adapted layer. Frozen units keep their weights and masks; their ``rank_pattern`` entry
+        keeps every rank they were allowed or still use, so saving and loading (which cut ranks by the pattern)
+        leaves them exactly as they are. The allocator's statistics of frozen units are dropped.
+
+        Args:
+            global_step: the current optimizer step, counted from 0, as for AdaLoRA.
+
+        Raises:
+            TypeError: if the wrapped adapter is not AdaLoRA.
+        """
+        from peft.tuners.adalora import AdaLoraModel
+
+        if not isinstance(self, AdaLoraModel):
+            raise TypeError(
+                "update_and_allocate is AdaLoRA's rank allocation, but this SAFE model wraps "
+                f"{self.safe_config.adapter_peft_type}; call it only with an AdaLoraConfig adapter."
+            )
+        adapter_name = self.trainable_adapter_name
+        state = self._freeze_states.get(adapter_name)
+        frozen_units = [u for u in self._units(adapter_name) if state is not None and u.name in state.frozen]
+        if not frozen_units:
+            return super().update_and_allocate(global_step)
+        allocate_trainable_ranks(
+            self.model, self.rankallocator, self.peft_config[adapter_name], frozen_units, adapter_name, global_step
+        )
+        return None
+
+    # ------------------------------------------------------------------ checkpoint hooks
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        out = _wrapped_tuner_cls(config)._get_adapter_state_dict(
+            model=model,
+            config=config.adapter_config,
+            adapter_name=adapter_name,
+            state_dict=state_dict,
+            unwanted_adapter_names=unwanted_adapter_names,
+        )
+        safe = find_safe_model(model)
+        if safe is None or adapter_name not in safe._freeze_states:
+            raise ValueError(f"cannot save SAFE adapter {adapter_name!r}: no SAFE tuner holding its freeze state.")
+        out[FREEZE_STATE_KEY] = encode_payload(safe._freeze_states[adapter_name], config, out)
+        return out
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        state_dict = dict(state_dict)
+        payload = state_dict.pop(FREEZE_STATE_KEY, None)
+        if payload is None:
+            raise ValueError(
+                "this checkpoint holds no SAFE freeze state, so it was not saved by a SAFE model "
+                f"(its weights look like a plain {config.adapter_peft_type} adapter). Load it with its own config "
+                "(PeftModel.from_pretrained without a SAFEConfig), or start SAFE from scratch."
+            )
+        safe = find_safe_model(model)
+        if safe is None:
+            raise ValueError("cannot load a SAFE freeze state: the model holds no SAFE tuner.")
+        units = [u.name for u in safe._units(adapter_name)]
+        state = decode_payload(payload, config, state_dict, units)
+        remapped = _wrapped_tuner_cls(config)._remap_adapter_state_dict_for_load(
+            model=model, config=config.adapter_config, adapter_name=adapter_name, state_dict=state_dict
+        )
+        check_loadable(remapped, model)
+        # Everything checked: only now is the model touched. The loaded state replaces the adapter's own, so
+        # units this adapter had frozen that the checkpoint trains become trainable again (unless loading for
+        # inference, where nothing trains).
+        previous = safe._freeze_states.get(adapter_name)
+        safe._freeze_states[adapter_name] = state
+        if previous is not None and not getattr(safe.peft_config.get(adapter_name), "inference_mode", True):
+            for unit in safe._units(adapter_name):
+                if unit.name in previous.frozen and unit.name not in state.frozen:
+                    for param in unit_parameters(unit, adapter_name):
+                        param.requires_grad_(True)
+        safe._apply_freeze_state()
+        return remapped
