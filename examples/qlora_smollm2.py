@@ -20,6 +20,7 @@ and WikiText-2 (``peft_safe.assets.load_wikitext2``). See docs/qlora.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import time
@@ -189,9 +190,9 @@ def cost_table(args, train: torch.Tensor) -> None:
             safe = model.base_model
             if run_name != "all trainable":
                 safe.freeze(safe.adapter_units[: len(safe.adapter_units) // 2])
-            if run_name.endswith("no cut"):
-                safe._backprop_cut.remove()
-            costs = step_costs(model, batch)
+            no_cut = safe.without_backprop_cut() if run_name.endswith("no cut") else contextlib.nullcontext()
+            with no_cut:
+                costs = step_costs(model, batch)
             print(f"| {checkpointing} | {run_name} | {costs['activation_MiB']:.2f} | {costs['fwd_GFLOP']:.2f} | "
                   f"{costs['bwd_GFLOP']:.2f} |", flush=True)
 

@@ -15,9 +15,10 @@ Imports: peft's tuner machinery and this package's ``core`` and ``safe``; never 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -340,6 +341,23 @@ class SAFEModel(BaseTuner):
     def backprop_cut_block(self) -> str | None:
         """The block whose input SAFE detaches so that backprop stops there; ``None`` when there is no cut."""
         return self._backprop_cut.block_name
+
+    @contextlib.contextmanager
+    def without_backprop_cut(self) -> Iterator[None]:
+        """Run the block without SAFE's backprop cut, to measure what the cut saves (docs/qlora.md).
+
+        Inside, backprop below the lowest trainable block runs as it would without SAFE (an input-require-grads
+        hook keeps the frozen blocks on the backward path); the cut returns on exit, under the freeze state then.
+
+        Example:
+            >>> with safe.without_backprop_cut():
+            ...     loss = model(**batch).loss; loss.backward()   # the frozen bottom blocks are backpropagated
+        """
+        self._backprop_cut.remove()
+        try:
+            yield
+        finally:
+            self._update_backprop_cut()
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         super()._mark_only_adapters_as_trainable(model)

@@ -52,15 +52,9 @@ def freeze_bottom_half(model: PeftModel) -> int:
     return half
 
 
-@contextlib.contextmanager
 def cut_removed(model: PeftModel):
     """The model as peft alone would run it: SAFE's cut hooks taken off, put back on exit."""
-    safe = model.base_model
-    safe._backprop_cut.remove()
-    try:
-        yield
-    finally:
-        safe._update_backprop_cut()
+    return model.base_model.without_backprop_cut()
 
 
 def batch(tiny) -> dict[str, torch.Tensor]:
