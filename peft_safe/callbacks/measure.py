@@ -15,7 +15,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..measure.memory import MIB
-from ..measure.meter import MemorySummary, StepRecord, TrainingMeter, check_meter_options
+from ..measure.meter import TrainingSummary, StepRecord, TrainingMeter, check_meter_options
 
 __all__ = ["MeasureCallback"]
 
@@ -53,8 +53,8 @@ class MeasureCallback(TrainerCallback):
         self.meter: TrainingMeter | None = None
         self._latest: dict[str, float] = {}
 
-    def summary(self, after_step: int | None = None) -> MemorySummary:
-        """The run's :class:`~peft_safe.measure.MemorySummary` (see :meth:`TrainingMeter.summary`).
+    def summary(self, after_step: int | None = None) -> TrainingSummary:
+        """The run's :class:`~peft_safe.measure.TrainingSummary` (see :meth:`TrainingMeter.summary`).
 
         Raises:
             ValueError: If no step was tracked yet.

@@ -16,6 +16,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..safe.distributed import check_trainer_ddp
 from ..safe.model import SAFEModel, find_safe_model
 
 logger = logging.getLogger(__name__)
@@ -108,12 +109,7 @@ class SAFECallback(TrainerCallback):
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         safe = self._safe(kwargs["model"])
-        if args.world_size > 1 and args.ddp_find_unused_parameters is False:
-            # DDP would wait forever for the gradients of frozen units (see peft_safe.distributed.check_ddp).
-            raise ValueError(
-                "SAFECallback under DistributedDataParallel needs ddp_find_unused_parameters=True (or unset: the "
-                "Trainer's default for peft models), got False: frozen units stop producing gradients."
-            )
+        check_trainer_ddp(args.world_size, args.ddp_find_unused_parameters)
         self._probe_batches = self._build_probe_batches(kwargs["model"], kwargs.get("processing_class"))
         config = safe.safe_config
         logger.info(

@@ -68,9 +68,6 @@ class FreezeState:
             "history": [{"t": h["t"], "scores": dict(h["scores"])} for h in self.history],
         }
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True, allow_nan=False)
-
     @classmethod
     def from_dict(cls, data: Any) -> FreezeState:
         """Build a state from :meth:`to_dict` output, checking every field.
@@ -114,10 +111,6 @@ class FreezeState:
             final_freeze_time=data.get("final_freeze_time"),
             format_version=version,
         )
-
-    @classmethod
-    def from_json(cls, text: str) -> FreezeState:
-        return cls.from_dict(parse_state_json(text))
 
 
 def parse_state_json(text: str) -> Any:

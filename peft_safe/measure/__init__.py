@@ -1,23 +1,26 @@
 """Exact, measured costs of a training step: activation, gradient and optimizer memory, FLOPs, time.
 
 :func:`measure_training_step` measures one step; :class:`TrainingMeter` follows a whole run (every N steps).
+FLOPs come from torch's ``FlopCounterMode``, made by :func:`~peft_safe.measure.flops.flop_counter`, which first
+registers the formulas torch lacks (its CPU flash-attention kernels); importing this package registers nothing.
 
-Importing this package registers FLOP formulas for torch's CPU flash-attention kernels (see
-:mod:`peft_safe.measure.flops`), which torch's ``FlopCounterMode`` would otherwise count as zero.
+Imports: torch and :mod:`peft_safe.batch`; never peft, transformers or the SAFE tuner (it measures any model).
 """
 
-from .flops import count_flops, register_cpu_attention_flop_formulas
-from .memory import SavedTensorMeter, gradient_bytes, optimizer_state_bytes, parameter_bytes
+from .flops import flop_counter, register_cpu_attention_flop_formulas
+from .memory import MIB, SavedTensorMeter, gradient_bytes, optimizer_state_bytes, parameter_bytes
+from .meter import MemorySummary, StepRecord, TrainingMeter, TrainingSummary
 from .step import StepMeasurement, measure_training_step
-from .meter import MemorySummary, StepRecord, TrainingMeter
 
 __all__ = [
+    "MIB",
     "MemorySummary",
     "SavedTensorMeter",
     "StepMeasurement",
     "StepRecord",
     "TrainingMeter",
-    "count_flops",
+    "TrainingSummary",
+    "flop_counter",
     "gradient_bytes",
     "measure_training_step",
     "optimizer_state_bytes",

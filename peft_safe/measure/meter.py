@@ -24,12 +24,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from . import flops as _flops  # noqa: F401  (registers the CPU attention FLOP formulas)
+from ..batch import cuda_device
+from .flops import flop_counter
 from .memory import SavedTensorMeter, gradient_bytes, optimizer_state_bytes
 
-__all__ = ["FLOP_MODES", "MemorySummary", "StepRecord", "TrainingMeter"]
+__all__ = ["FLOP_MODES", "TrainingSummary", "StepRecord", "TrainingMeter"]
 
 FLOP_MODES = ("none", "measured", "cached")
 
@@ -80,7 +80,7 @@ class StepRecord:
 
 
 @dataclass
-class MemorySummary:
+class TrainingSummary:
     """A run's records reduced to the figures worth reporting; byte figures are over measured steps.
 
     Attributes:
@@ -245,14 +245,14 @@ class TrainingMeter:
         )
         stack = contextlib.ExitStack()
         meter = counter = None
-        cuda = _cuda_device(self.model)
+        cuda = cuda_device(self.model)
         if measure:
             if cuda is not None:
                 torch.cuda.synchronize(cuda)
                 torch.cuda.reset_peak_memory_stats(cuda)
             meter = stack.enter_context(SavedTensorMeter(exclude=self.model))
         if count_flops:
-            counter = stack.enter_context(FlopCounterMode(display=False))
+            counter = stack.enter_context(flop_counter())
         self._open = {
             "step": index, "measure": measure, "meter": meter, "counter": counter, "stack": stack,
             "flop_key": flop_key, "gradient_bytes": 0, "optimizer_state_bytes": None, "cuda": cuda,
@@ -335,7 +335,7 @@ class TrainingMeter:
         """The last step at which the trainable set changed (the first step after the last freeze), or None."""
         return self.changes[-1] if self.changes else None
 
-    def summary(self, after_step: int | None = None) -> MemorySummary:
+    def summary(self, after_step: int | None = None) -> TrainingSummary:
         """Reduce the records to averages over the run, after a given step, and peaks.
 
         Args:
@@ -353,7 +353,7 @@ class TrainingMeter:
         unmetered = [r.wall_time_s for r in self.records if not r.measured and not r.flops_counted]
         cuda = [r.cuda_max_memory_allocated for r in measured if r.cuda_max_memory_allocated is not None]
         flops = [r.flops for r in self.records]
-        return MemorySummary(
+        return TrainingSummary(
             steps=len(self.records),
             measured_steps=len(measured),
             avg_training_bytes=_mean(r.training_bytes for r in measured),
@@ -386,8 +386,5 @@ def _shapes(batch: Any) -> Any:
     return None
 
 
-def _cuda_device(model: nn.Module) -> torch.device | None:
-    for tensor in model.parameters():
-        if tensor.device.type == "cuda":
-            return tensor.device
-    return None
+# The name before 0.2, when the summary held memory only; it now holds FLOPs and time as well.
+MemorySummary = TrainingSummary

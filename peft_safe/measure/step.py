@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from . import flops as _flops  # noqa: F401  (registers the CPU attention FLOP formulas)
+from ..batch import cuda_device, model_call
+from .flops import flop_counter
 from .memory import SavedTensorMeter, gradient_bytes, optimizer_state_bytes, parameter_bytes
 
 __all__ = ["StepMeasurement", "measure_training_step"]
@@ -122,31 +122,31 @@ def measure_training_step(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}.")
-    call = _model_call(model, batch)
-    cuda_device = _cuda_device(model, batch)
+    call = model_call(model, batch)
+    device = cuda_device(model, batch)
     was_training = model.training
     model.train()
     try:
-        _reset_cuda_peak(cuda_device)
+        _reset_cuda_peak(device)
         start = time.perf_counter()
-        with FlopCounterMode(display=False) as forward_counter, SavedTensorMeter(exclude=model) as meter:
+        with flop_counter() as forward_counter, SavedTensorMeter(exclude=model) as meter:
             loss = _loss_of(call(), loss_fn)
-        with FlopCounterMode(display=False) as backward_counter:
+        with flop_counter() as backward_counter:
             loss.backward()
         del loss
         grad_bytes = gradient_bytes(model)
         _finish_step(model, optimizer)
         state_bytes = optimizer_state_bytes(optimizer) if optimizer is not None else 0
-        wall_time_s = _elapsed(start, cuda_device)
-        cuda_peak = _cuda_peak(cuda_device)
+        wall_time_s = _elapsed(start, device)
+        cuda_peak = _cuda_peak(device)
 
         if timed:
-            _reset_cuda_peak(cuda_device)
+            _reset_cuda_peak(device)
             start = time.perf_counter()
             _loss_of(call(), loss_fn).backward()
             _finish_step(model, optimizer)
-            wall_time_s = _elapsed(start, cuda_device)
-            cuda_peak = _cuda_peak(cuda_device)
+            wall_time_s = _elapsed(start, device)
+            cuda_peak = _cuda_peak(device)
     finally:
         model.train(was_training)
 
@@ -161,20 +161,6 @@ def measure_training_step(
         backward_flops=backward_counter.get_total_flops(),
         wall_time_s=wall_time_s,
         cuda_max_memory_allocated=cuda_peak,
-    )
-
-
-def _model_call(model: nn.Module, batch: Any) -> Callable[[], Any]:
-    """Return a thunk that runs ``model`` on ``batch`` the way ``batch``'s type says."""
-    if isinstance(batch, Mapping):
-        return lambda: model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return lambda: model(*batch)
-    if isinstance(batch, torch.Tensor):
-        return lambda: model(batch)
-    raise TypeError(
-        f"batch must be a mapping (passed as model(**batch)), a tuple or list (model(*batch)) or a tensor, "
-        f"got {type(batch).__name__}."
     )
 
 
@@ -210,21 +196,6 @@ def _finish_step(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> N
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     model.zero_grad(set_to_none=True)
-
-
-def _cuda_device(model: nn.Module, batch: Any) -> torch.device | None:
-    """Return the CUDA device the step runs on, or None when it runs elsewhere."""
-    tensors = [*model.parameters(), *model.buffers()]
-    if isinstance(batch, Mapping):
-        tensors += [v for v in batch.values() if isinstance(v, torch.Tensor)]
-    elif isinstance(batch, (tuple, list)):
-        tensors += [v for v in batch if isinstance(v, torch.Tensor)]
-    elif isinstance(batch, torch.Tensor):
-        tensors.append(batch)
-    for tensor in tensors:
-        if tensor.device.type == "cuda":
-            return tensor.device
-    return None
 
 
 def _reset_cuda_peak(device: torch.device | None) -> None:

@@ -22,11 +22,12 @@ Outside ``torch.distributed`` (or with one process) :func:`agree_on_scores` retu
 from __future__ import annotations
 
 import zlib
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["agree_on_scores", "check_ddp", "is_distributed"]
+__all__ = ["agree_on_scores", "check_ddp", "check_trainer_ddp", "is_distributed"]
 
 
 def is_distributed() -> bool:
@@ -102,12 +103,31 @@ def check_ddp(model: nn.Module) -> None:
 
     if not isinstance(model, DistributedDataParallel):
         return
-    if getattr(model, "static_graph", False) or not getattr(model, "find_unused_parameters", False):
+    find_unused = getattr(model, "find_unused_parameters", None)
+    static_graph = getattr(model, "static_graph", False)
+    if static_graph or not find_unused:
         raise ValueError(
-            "this DistributedDataParallel wrapper has find_unused_parameters="
-            f"{getattr(model, 'find_unused_parameters', None)!r}, static_graph={getattr(model, 'static_graph', None)!r}; "
-            "SAFE stops gradients of frozen units, which DDP then waits for forever. Wrap with "
-            "DistributedDataParallel(model, find_unused_parameters=True) (accelerate: "
-            "DistributedDataParallelKwargs(find_unused_parameters=True); Trainer: ddp_find_unused_parameters=True, "
-            "its default for peft models)."
+            f"this DistributedDataParallel wrapper has find_unused_parameters={find_unused!r}, "
+            f"static_graph={static_graph!r}; {_FROZEN_UNITS_UNDER_DDP}"
         )
+
+
+def check_trainer_ddp(world_size: int, ddp_find_unused_parameters: bool | None) -> None:
+    """The check of :func:`check_ddp` on a Trainer's arguments, before the Trainer wraps the model.
+
+    Raises:
+        ValueError: if the run is distributed and ``ddp_find_unused_parameters`` is ``False``.
+    """
+    if world_size > 1 and ddp_find_unused_parameters is False:
+        raise ValueError(
+            "SAFE under DistributedDataParallel needs ddp_find_unused_parameters=True (or unset: the Trainer's default "
+            f"for peft models), got False; {_FROZEN_UNITS_UNDER_DDP}"
+        )
+
+
+_FROZEN_UNITS_UNDER_DDP = (
+    "SAFE stops gradients of frozen units, which DDP then waits for forever. Wrap with "
+    "DistributedDataParallel(model, find_unused_parameters=True) (accelerate: "
+    "DistributedDataParallelKwargs(find_unused_parameters=True); Trainer: ddp_find_unused_parameters=True, "
+    "its default for peft models)."
+)

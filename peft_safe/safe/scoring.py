@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..batch import call_model, to_device
 from ..core.cka import CKAAccumulator, importance_from_cka
 from .units import AdapterUnit
 
@@ -29,16 +30,6 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
         if isinstance(value, torch.Tensor):
             return value
     return None
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, Mapping):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_device(v, device) for v in value)
-    return value
 
 
 def _check_probe_set(probe_batches: Any) -> None:
@@ -80,15 +71,10 @@ def _check_batch(model: nn.Module, batch: Any) -> None:
             raise TypeError(f"probe batch 'input_ids' must hold integer token ids, got dtype {value.dtype}.")
 
 
-def _call(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, Mapping):
-        kwargs = dict(batch)
-        if "use_cache" in inspect.signature(model.forward).parameters:
-            kwargs["use_cache"] = False  # a rerun must not append to a KV cache
-        return model(**kwargs)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
+def _no_cache(model: nn.Module, batch: Any) -> dict[str, Any]:
+    if isinstance(batch, Mapping) and "use_cache" in inspect.signature(model.forward).parameters:
+        return {"use_cache": False}
+    return {}
 
 
 @contextlib.contextmanager
@@ -165,11 +151,12 @@ def compute_importance(
         try:
             for batch in probe_batches:
                 _check_batch(model, batch)
-                batch = _to_device(batch, device)
+                batch = to_device(batch, device)
                 calls.clear()
                 recording[0] = True
                 try:
-                    _call(model, batch)
+                    # use_cache=False: a forward whose blocks are rerun must not append to a KV cache
+                    call_model(model, batch, **_no_cache(model, batch))
                 finally:
                     recording[0] = False
                 n_batches += 1

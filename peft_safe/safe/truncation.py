@@ -203,11 +203,6 @@ class BackpropCut:
         # weak references cannot be pickled (torch.save of a whole model, deepcopy); they only matter mid-forward
         return {**self.__dict__, "_embedding_outputs": [], "_detached": False}
 
-    @property
-    def active(self) -> bool:
-        """Whether the cut hooks are installed."""
-        return self.block_name is not None
-
     def update(self, model: nn.Module, units: list[AdapterUnit], frozen: Iterable[str]) -> str | None:
         """Move the hooks to the lowest trainable block under the current freeze state, or remove them.
 

@@ -1,20 +1,24 @@
-"""count_flops and the FLOP formulas this package adds for torch's CPU flash-attention kernels."""
+"""flop_counter and the FLOP formulas this package adds for torch's CPU flash-attention kernels."""
 
 from __future__ import annotations
-
-import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils import flop_counter
+from torch.utils import flop_counter as flop_counter_module
 from torch.utils.flop_counter import FlopCounterMode
 
-import peft_safe.measure.flops as flops_module
-from peft_safe.measure import count_flops, register_cpu_attention_flop_formulas
+from peft_safe.measure import flop_counter, register_cpu_attention_flop_formulas
 
 CPU_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 CPU_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def count_flops(fn, *args, **kwargs):
+    """(fn's result, FLOPs) under the package's counter."""
+    with flop_counter() as counter:
+        result = fn(*args, **kwargs)
+    return result, counter.get_total_flops()
 
 
 def _attention_inputs(batch=2, heads=3, s_q=5, s_k=6, d_qk=4, d_v=4, requires_grad=True):
@@ -35,18 +39,11 @@ def test_linear_forward_is_two_flops_per_multiply_add():
     assert flops == 2 * batch * d_in * d_out
 
 
-def test_count_flops_passes_keyword_arguments():
-    a, b = torch.randn(3, 4), torch.randn(4, 5)
-    out, flops = count_flops(torch.matmul, a, other=b)
-    torch.testing.assert_close(out, a @ b)
-    assert flops == 2 * 3 * 4 * 5
-
-
 def test_cpu_sdpa_forward_counts_like_the_explicit_math():
     batch, heads, s_q, s_k, d_qk, d_v = 2, 3, 5, 6, 8, 8
     query, key, value = _attention_inputs(batch, heads, s_q, s_k, d_qk, d_v, requires_grad=False)
 
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         fused = F.scaled_dot_product_attention(query, key, value)
     scores_flops = 2 * batch * heads * s_q * s_k * d_qk  # Q K^T
     mix_flops = 2 * batch * heads * s_q * s_k * d_v  # P V
@@ -65,7 +62,7 @@ def test_cpu_sdpa_backward_is_counted():
     batch, heads, s_q, s_k, d_qk, d_v = 2, 3, 5, 6, 8, 8
     query, key, value = _attention_inputs(batch, heads, s_q, s_k, d_qk, d_v)
     out = F.scaled_dot_product_attention(query, key, value)
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         out.sum().backward()
     # Flash backward recomputes Q K^T, then dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q.
     expected = 2 * batch * heads * (
@@ -79,24 +76,21 @@ def test_cpu_sdpa_backward_is_counted():
     assert query.grad is not None and key.grad is not None and value.grad is not None
 
 
-def test_registration_from_scratch_then_again_is_a_no_op(monkeypatch):
-    monkeypatch.delitem(flop_counter.flop_registry, CPU_FLASH)
-    monkeypatch.delitem(flop_counter.flop_registry, CPU_FLASH_BACKWARD)
+def test_flop_counter_registers_the_cpu_formulas_once_and_torch_alone_counts_nothing(monkeypatch):
+    monkeypatch.delitem(flop_counter_module.flop_registry, CPU_FLASH, raising=False)
+    monkeypatch.delitem(flop_counter_module.flop_registry, CPU_FLASH_BACKWARD, raising=False)
     query, key, value = _attention_inputs(requires_grad=False)
-    assert count_flops(F.scaled_dot_product_attention, query, key, value)[1] == 0  # torch alone counts nothing
+    with FlopCounterMode(display=False) as plain:
+        F.scaled_dot_product_attention(query, key, value)
+    assert plain.get_total_flops() == 0  # torch alone counts nothing
 
+    assert count_flops(F.scaled_dot_product_attention, query, key, value)[1] > 0  # flop_counter registered them
+    formula = flop_counter_module.flop_registry[CPU_FLASH]
+    assert register_cpu_attention_flop_formulas() == []  # already there: a no-op
+    assert flop_counter_module.flop_registry[CPU_FLASH] is formula
+
+
+def test_registration_from_scratch_names_the_kernels(monkeypatch):
+    monkeypatch.delitem(flop_counter_module.flop_registry, CPU_FLASH, raising=False)
+    monkeypatch.delitem(flop_counter_module.flop_registry, CPU_FLASH_BACKWARD, raising=False)
     assert sorted(register_cpu_attention_flop_formulas()) == sorted([str(CPU_FLASH), str(CPU_FLASH_BACKWARD)])
-    assert register_cpu_attention_flop_formulas() == []
-    assert count_flops(F.scaled_dot_product_attention, query, key, value)[1] > 0
-
-
-def test_importing_the_module_twice_does_not_raise():
-    formula = flop_counter.flop_registry[CPU_FLASH]
-    importlib.reload(flops_module)
-    importlib.reload(flops_module)
-    assert flop_counter.flop_registry[CPU_FLASH] is formula
-
-
-def test_count_flops_rejects_a_non_callable():
-    with pytest.raises(TypeError, match="fn must be callable"):
-        count_flops(torch.randn(3))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from peft_safe.measure import SavedTensorMeter, TrainingMeter, count_flops
+from peft_safe.measure import SavedTensorMeter, TrainingMeter, flop_counter
 
 F32 = 4  # bytes per float32 element
 BATCH, D_IN, D_OUT = 3, 5, 7
@@ -89,7 +89,9 @@ def test_cached_flops_count_once_per_distinct_step_and_give_the_run_total():
 
     def step_flops(batch):
         x = torch.randn(batch, D_IN)
-        return count_flops(lambda: layer(x).sum().backward())[1]
+        with flop_counter() as counter:
+            layer(x).sum().backward()
+        return counter.get_total_flops()
 
     expected = 5 * step_flops(BATCH) + step_flops(1)
     assert meter.summary().total_flops == expected

@@ -155,7 +155,7 @@ def main(out_dir: Path) -> None:
         "steps": watcher.steps,
         "losses": watcher.losses,
         "global_step": trainer.state.global_step,
-        "state": json.loads(safe.freeze_state.to_json()),
+        "state": safe.freeze_state.to_dict(),
         "local_scores": local_scores,
         "scorings": [{k: v for k, v in r.items() if k != "epoch"} for r in callback.scorings],
         "params": digest(p for n, p in peft_model.named_parameters() if ".lora_" in n or "modules_to_save" in n),
@@ -165,7 +165,7 @@ def main(out_dir: Path) -> None:
         "saves": saves,
         "checkpoints": checkpoints,
         "checkpoint_files": sorted(os.listdir(out_dir / "run" / checkpoints[-1])),
-        "reloaded_state": json.loads(reloaded.base_model.freeze_state.to_json()),
+        "reloaded_state": reloaded.base_model.freeze_state.to_dict(),
         "reloaded_requires_grad": reloaded_requires_grad,
     }
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result, indent=1))

@@ -32,12 +32,12 @@ def snapshot(model) -> dict:
     return {
         "values": {n: p.detach().clone() for n, p in model.named_parameters()},
         "grads": {n: p.requires_grad for n, p in model.named_parameters()},
-        "state": model.base_model.freeze_state.to_json(),
+        "state": model.base_model.freeze_state.to_dict(),
     }
 
 
 def assert_untouched(model, before: dict) -> None:
-    assert model.base_model.freeze_state.to_json() == before["state"]
+    assert model.base_model.freeze_state.to_dict() == before["state"]
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before["grads"]
     for name, param in model.named_parameters():
         assert torch.equal(param, before["values"][name]), name
@@ -51,7 +51,7 @@ def saved(tmp_path_factory, tiny, single_thread_torch):
     path = tmp_path_factory.mktemp("good")
     model.save_pretrained(path)
     model.save_pretrained(path / "bin", safe_serialization=False)
-    return {"path": path, "state": json.loads(model.base_model.freeze_state.to_json()), "model": model}
+    return {"path": path, "state": model.base_model.freeze_state.to_dict(), "model": model}
 
 
 def copy_checkpoint(src, dst):
@@ -186,7 +186,7 @@ def test_fields_peft_changes_on_its_own_do_not_count_as_a_mismatch(saved, tiny, 
                 **{"adapter_config.base_model_name_or_path": "/elsewhere"})(path)
     for trainable in (True, False):
         model = PeftModel.from_pretrained(tiny.bert(layers=LAYERS), path, is_trainable=trainable)
-        assert json.loads(model.base_model.freeze_state.to_json()) == saved["state"]
+        assert model.base_model.freeze_state.to_dict() == saved["state"]
 
 
 def test_checkpoint_without_an_integrity_record_still_loads(saved, tiny, tmp_path):
@@ -194,7 +194,7 @@ def test_checkpoint_without_an_integrity_record_still_loads(saved, tiny, tmp_pat
     path = copy_checkpoint(saved["path"], tmp_path / "ckpt")
     edit_state(lambda d: d.pop("integrity"))(path)
     model = PeftModel.from_pretrained(tiny.bert(layers=LAYERS), path, is_trainable=True)
-    assert json.loads(model.base_model.freeze_state.to_json()) == saved["state"]
+    assert model.base_model.freeze_state.to_dict() == saved["state"]
 
 
 def test_weights_file_records_the_config_and_every_adapter_tensor(saved):

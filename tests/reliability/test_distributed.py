@@ -84,8 +84,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         result = {
             "local_scores": local_scores,
             "agreed_history": safe.freeze_state.history,
-            "state": json.loads(safe.freeze_state.to_json()),
-            "reloaded_state": json.loads(reloaded.base_model.freeze_state.to_json()),
+            "state": safe.freeze_state.to_dict(),
+            "reloaded_state": reloaded.base_model.freeze_state.to_dict(),
             "newly": newly,
             "params": _param_digest(model),
             "refused": refused,

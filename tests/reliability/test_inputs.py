@@ -66,11 +66,11 @@ def test_target_modules_matching_nothing_raise_naming_them_and_real_layers(tiny,
 def test_update_and_freeze_refuses_bad_times_and_changes_nothing(tiny, t):
     safe = tiny.safe("bert").base_model
     safe.update_and_freeze(0, [tiny.batch()])
-    before = safe.freeze_state.to_json()
+    before = safe.freeze_state.to_dict()
     with pytest.raises(ValueError) as info:
         safe.update_and_freeze(t, [tiny.batch()])
     assert repr(t) in str(info.value) and "finite number >= 0" in str(info.value)
-    assert safe.freeze_state.to_json() == before
+    assert safe.freeze_state.to_dict() == before
 
 
 @pytest.mark.parametrize(
@@ -81,10 +81,10 @@ def test_schedule_step_refuses_bad_input_before_changing_the_state(t, scores):
     state = FreezeState(units=["a"])
     policy = SchedulePolicy(tau=0.5, final_freeze_time=2, warmup_cap=1)
     policy.advance(state, 0, {"a": 0.2})
-    before = state.to_json()
+    before = state.to_dict()
     with pytest.raises(ValueError):
         policy.advance(state, t, scores)
-    assert state.to_json() == before
+    assert state.to_dict() == before
 
 
 # ---------------------------------------------------------------------------------------------- probe sets
@@ -104,12 +104,12 @@ def _probe_cases(tiny):
 def test_bad_probe_sets_raise_naming_what_is_wrong(tiny, case):
     probe, error, words = _probe_cases(tiny)[case]
     model = tiny.safe("bert")
-    before = model.base_model.freeze_state.to_json()
+    before = model.base_model.freeze_state.to_dict()
     with pytest.raises(error) as info:
         model.base_model.update_and_freeze(0, probe)
     for word in words:
         assert word in str(info.value), (word, str(info.value))
-    assert model.base_model.freeze_state.to_json() == before
+    assert model.base_model.freeze_state.to_dict() == before
 
 
 def test_probe_set_of_padding_only_raises(tiny):

@@ -65,7 +65,7 @@ def saved(tmp_path_factory, tiny, single_thread_torch):
     model = scored_model(tiny)
     batch = tiny.batch(batch=3, seq=9, seed=12)
     logits = tiny.logits(model, batch)
-    state = json.loads(model.base_model.freeze_state.to_json())
+    state = model.base_model.freeze_state.to_dict()
     model.save_pretrained(path)
     probe = [tiny.batch(batch=2, seq=8, seed=PROBE_SEED)]
     return {"path": path, "model": model, "batch": batch, "logits": logits, "state": state, "probe": probe}
@@ -101,7 +101,7 @@ def test_reload_trainable_restores_frozen_units_history_and_outputs(saved, tiny)
     safe = model.base_model
     assert safe.frozen_units == FROZEN
     assert safe.adapter_units == [f"bert.encoder.layer.{i}" for i in range(LAYERS)]
-    assert json.loads(safe.freeze_state.to_json()) == saved["state"]
+    assert safe.freeze_state.to_dict() == saved["state"]
     assert safe.freeze_state.warmup_end == 1
     assert [entry["t"] for entry in safe.freeze_state.history] == [0, 1]
     assert safe.raw_importance == saved["model"].base_model.raw_importance
@@ -128,7 +128,7 @@ def test_resumed_schedule_continues_like_an_uninterrupted_one(saved, tiny):
         assert resumed.base_model.update_and_freeze(t, saved["probe"]) == expected, t
         newly += expected
     assert newly  # the rising threshold froze something after the resume
-    assert resumed.base_model.freeze_state.to_json() == uninterrupted.base_model.freeze_state.to_json()
+    assert resumed.base_model.freeze_state.to_dict() == uninterrupted.base_model.freeze_state.to_dict()
     assert requires_grad_of(resumed) == requires_grad_of(uninterrupted)
     # time cannot go back past the restored history
     with pytest.raises(ValueError, match="before"):
@@ -149,7 +149,7 @@ def test_trainer_style_load_adapter_restores_the_state(saved, tiny):
     model.load_adapter(saved["path"], adapter_name="default", is_trainable=True)
     safe = model.base_model
     assert safe.frozen_units == FROZEN
-    assert json.loads(safe.freeze_state.to_json()) == saved["state"]
+    assert safe.freeze_state.to_dict() == saved["state"]
     assert lora_trainable_units(tiny, model) == {"bert.encoder.layer.1", "bert.encoder.layer.3"}
     torch.testing.assert_close(tiny.logits(model, saved["batch"]), saved["logits"], rtol=0, atol=0)
 
@@ -230,10 +230,10 @@ def test_failed_load_leaves_the_existing_adapter_untouched(saved, tiny, layers, 
     model.base_model.freeze([1])
     values = {n: p.detach().clone() for n, p in model.named_parameters()}
     grads = requires_grad_of(model)
-    state = model.base_model.freeze_state.to_json()
+    state = model.base_model.freeze_state.to_dict()
     with pytest.raises(ValueError):
         model.load_adapter(saved["path"], adapter_name="default", is_trainable=True)
-    assert model.base_model.freeze_state.to_json() == state
+    assert model.base_model.freeze_state.to_dict() == state
     assert requires_grad_of(model) == grads
     for name, param in model.named_parameters():
         assert torch.equal(param, values[name]), name

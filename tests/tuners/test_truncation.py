@@ -225,10 +225,10 @@ def test_update_with_nothing_frozen_removes_the_hooks(tiny):
     safe.freeze(safe.adapter_units[0])
     cut = safe._backprop_cut
     assert len(model.get_input_embeddings()._forward_hooks) == embedding_hooks + 1
-    assert cut.active and cut.block_name == "model.layers.1"
+    assert cut._handles and cut.block_name == "model.layers.1"
     assert blocks(model)[0]._forward_pre_hooks and blocks(model)[1]._forward_pre_hooks
     assert cut.update(safe.model, safe._units(), set()) is None
-    assert not cut.active
+    assert not cut._handles and cut.block_name is None
     assert not any(block._forward_pre_hooks for block in blocks(model))
     assert len(model.get_input_embeddings()._forward_hooks) == embedding_hooks
 
