@@ -37,7 +37,7 @@ from .distributed import agree_on_scores
 from .optimizer import check_optimizer, drop_from_optimizer
 from .scoring import compute_importance
 from .truncation import BackpropCut
-from .units import AdapterUnit, find_adapter_units, unit_parameters
+from .units import AdapterUnit, find_adapter_units, leaf_layer_names, resolve_units, unit_parameters
 
 __all__ = ["SAFEModel", "find_safe_model"]
 
@@ -138,8 +138,7 @@ class SAFEModel(BaseTuner):
         try:
             super().inject_adapter(model, adapter_name, **kwargs)
         except NoMatchingPeftModuleError as err:
-            leaves = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                             if name and not list(module.children()) and any(True for _ in module.parameters())})
+            leaves = leaf_layer_names(model)
             raise NoMatchingPeftModuleError(
                 f"target_modules={getattr(config.adapter_config, 'target_modules', None)!r} of the wrapped "
                 f"{config.adapter_peft_type} adapter matched no module of {type(model).__name__}; name some of its "
@@ -229,7 +228,7 @@ class SAFEModel(BaseTuner):
         config = self.safe_config
         chosen = self._units()
         if units is not None:
-            names = set(self._resolve_units(units))
+            names = set(resolve_units(self.adapter_units, units))
             chosen = [unit for unit in chosen if unit.name in names]
         return compute_importance(self.model, chosen, probe_batches, config.probe_tokens, config.seed)
 
@@ -288,29 +287,13 @@ class SAFEModel(BaseTuner):
                 f"freeze() takes a unit name or index, or a list of them (see adapter_units), got {units!r}."
             )
         check_optimizer(optimizer)
-        names = self._resolve_units(units)
+        names = resolve_units(self.adapter_units, units)
         state = self.freeze_state
         newly = [name for name in names if name not in state.frozen]
         for name in newly:
             state.frozen[name] = at if at is not None else state.last_scored
         self._apply_freeze_state(optimizer)
         return newly
-
-    def _resolve_units(self, units: Sequence[str | int] | str) -> list[str]:
-        if isinstance(units, (str, int)):
-            units = [units]
-        available = self.adapter_units
-        names = []
-        for unit in units:
-            if isinstance(unit, int) and not isinstance(unit, bool):
-                if not -len(available) <= unit < len(available):
-                    raise ValueError(f"unit index {unit} is out of range; the model has {len(available)} units.")
-                names.append(available[unit])
-            elif isinstance(unit, str) and unit in available:
-                names.append(unit)
-            else:
-                raise ValueError(f"unknown adapter unit {unit!r}; the units are {available}.")
-        return names
 
     # ------------------------------------------------------------------ keeping frozen units frozen
     def _apply_freeze_state(self, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -385,16 +368,11 @@ class SAFEModel(BaseTuner):
 
     # ------------------------------------------------------------------ AdaLoRA's rank allocation
     def update_and_allocate(self, global_step: int) -> None:
-        """AdaLoRA's budget schedule and rank masking, over the trainable units only.
+        """AdaLoRA's budget schedule and rank masking, over the trainable units only (see :mod:`.adalora`).
 
         Call it where AdaLoRA's own is called: after ``loss.backward()`` and ``optimizer.step()``, before
         ``zero_grad()`` (:class:`~peft_safe.SAFECallback` does, at every optimizer step). While no unit is frozen
-        this is AdaLoRA's ``update_and_allocate`` unchanged. Frozen units have no gradients and must not change,
-        so once some are frozen the rank allocator sees only the trainable units: their sensitivities are
-        updated and their ranks allocated on AdaLoRA's cubic schedule, from their own initial ranks down to
-        ``target_r`` per adapted layer. Frozen units keep their weights and masks; their ``rank_pattern`` entry
-        keeps every rank they were allowed or still use, so saving and loading (which cut ranks by the pattern)
-        leaves them exactly as they are. The allocator's statistics of frozen units are dropped.
+        this is AdaLoRA's ``update_and_allocate`` unchanged; frozen units keep their weights, masks and ranks.
 
         Args:
             global_step: the current optimizer step, counted from 0, as for AdaLoRA.

@@ -9,6 +9,7 @@ outside any block (and every layer of a model with no block list) form one unit 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from peft.tuners.tuners_utils import (
@@ -106,3 +107,33 @@ def unit_parameters(unit: AdapterUnit, adapter_name: str) -> list[nn.Parameter]:
         prefixes = _get_tuner_state_dict_key_prefixes(layer, adapter_name=adapter_name)
         params.extend(_filter_state_dict_by_key_prefixes(dict(layer.named_parameters()), prefixes).values())
     return params
+
+
+def resolve_units(available: list[str], units: Sequence[str | int] | str | int) -> list[str]:
+    """Unit names for ``units``, given as names or indices into ``available`` (negative ones from the end).
+
+    Raises:
+        ValueError: for an unknown name or an index out of range, listing the units.
+    """
+    if isinstance(units, (str, int)):
+        units = [units]
+    names = []
+    for unit in units:
+        if isinstance(unit, int) and not isinstance(unit, bool):
+            if not -len(available) <= unit < len(available):
+                raise ValueError(f"unit index {unit} is out of range; the model has {len(available)} units.")
+            names.append(available[unit])
+        elif isinstance(unit, str) and unit in available:
+            names.append(unit)
+        else:
+            raise ValueError(f"unknown adapter unit {unit!r}; the units are {available}.")
+    return names
+
+
+def leaf_layer_names(model: nn.Module) -> list[str]:
+    """The distinct last names of the modules with parameters and no children: what ``target_modules`` can name."""
+    return sorted({
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if name and not list(module.children()) and any(True for _ in module.parameters())
+    })
