@@ -231,3 +231,47 @@ def test_base_model_path_is_mirrored():
     config = SAFEConfig(adapter_config=lora())
     config.base_model_name_or_path = "/some/local/base"
     assert config.adapter_config.base_model_name_or_path == "/some/local/base"
+
+
+# ---------------------------------------------------------------------------------------------- renamed fields
+def test_old_field_names_still_build_the_config_with_a_future_warning():
+    with pytest.warns(FutureWarning, match="final_freeze_epoch is deprecated.*final_freeze_time"):
+        config = SAFEConfig(adapter_config=lora(), final_freeze_epoch=7, max_warmup=3)
+    assert (config.final_freeze_time, config.warmup_cap, config.warmup_cap_value) == (7, 3, 3)
+    saved = config.to_dict()
+    assert "final_freeze_epoch" not in saved and "max_warmup" not in saved
+    assert (saved["final_freeze_time"], saved["warmup_cap"]) == (7, 3)
+
+
+def test_old_and_new_name_with_different_values_is_refused():
+    with pytest.raises(ValueError, match="final_freeze_epoch=7 and final_freeze_time=9"):
+        with pytest.warns(FutureWarning):
+            SAFEConfig(adapter_config=lora(), final_freeze_epoch=7, final_freeze_time=9)
+
+
+def test_old_names_read_and_write_the_new_fields_and_writes_are_validated():
+    config = SAFEConfig(adapter_config=lora(), final_freeze_time=6)
+    with pytest.warns(FutureWarning):
+        assert config.final_freeze_epoch == 6
+    with pytest.warns(FutureWarning):
+        config.max_warmup = 2
+    assert config.warmup_cap == 2
+    with pytest.raises(ValueError, match="warmup_cap"), pytest.warns(FutureWarning):
+        config.max_warmup = 10  # after t_f
+
+
+def test_warmup_cap_value_defaults_to_half_of_final_freeze_time():
+    assert SAFEConfig(adapter_config=lora(), final_freeze_time=6).warmup_cap_value == 3
+
+
+def test_a_config_saved_with_the_old_names_loads_onto_the_new_ones(tmp_path):
+    config = SAFEConfig(adapter_config=lora(), final_freeze_time=7, warmup_cap=3)
+    config.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    data = json.loads(path.read_text())
+    data["final_freeze_epoch"], data["max_warmup"] = data.pop("final_freeze_time"), data.pop("warmup_cap")
+    path.write_text(json.dumps(data))
+    with pytest.warns(FutureWarning):
+        loaded = PeftConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, SAFEConfig)
+    assert (loaded.final_freeze_time, loaded.warmup_cap) == (7, 3)

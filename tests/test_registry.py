@@ -158,3 +158,26 @@ def test_fresh_interpreter_loads_a_saved_safe_adapter(tmp_path, tiny):
     assert result["frozen_auto"] == ["bert.encoder.layer.1"]
     torch.testing.assert_close(result["logits_peft_model"], expected, rtol=0, atol=1e-6)
     torch.testing.assert_close(result["logits_auto"], expected, rtol=0, atol=1e-6)
+
+
+def test_a_pickled_safe_tuner_class_resolves_by_its_path_before_and_after_the_layout_change():
+    # In a fresh interpreter, where no SAFE<Tuner>Model class has been built yet: pickle finds it by name,
+    # under the module path of 0.1 (peft_safe.tuners.safe) and under today's (peft_safe.safe.model).
+    code = (
+        "import pickle\n"
+        "import peft_safe\n"
+        "from peft.tuners.lora import LoraModel\n"
+        "from peft_safe.safe.model import SAFEModel\n"
+        "old = pickle.loads(b'cpeft_safe.tuners.safe\\nSAFELoraModel\\n.')\n"
+        "new = pickle.loads(b'cpeft_safe.safe.model\\nSAFELoraModel\\n.')\n"
+        "assert old is new and issubclass(new, SAFEModel) and issubclass(new, LoraModel), (old, new)\n"
+        "assert pickle.loads(pickle.dumps(new)) is new\n"
+        "try:\n"
+        "    pickle.loads(b'cpeft_safe.safe.model\\nSAFENoSuchModel\\n.')\n"
+        "except AttributeError:\n"
+        "    pass\n"
+        "else:\n"
+        "    raise AssertionError('an unknown SAFE class name resolved')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

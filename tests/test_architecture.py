@@ -1,0 +1,156 @@
+"""The package's layers stay as docs/architecture.md draws them: no import cycle, each layer imports only below it.
+
+Imports are read from the source (``ast``), lazy ones inside functions included, so a cycle or a forbidden
+import hidden in a function body fails here too, not only at the moment it runs.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+import peft_safe
+
+PACKAGE_DIR = os.path.dirname(peft_safe.__file__)
+MAX_MODULE_LINES = 450
+
+# What each layer may import, by the first dotted parts of the imported name. The layers below the package
+# root: core < safe, tuners < measure, callbacks < bench, plan (applications).
+FORBIDDEN = {
+    "peft_safe.core": ("peft", "transformers", "peft_safe.safe", "peft_safe.tuners", "peft_safe.measure",
+                       "peft_safe.callbacks", "peft_safe.bench", "peft_safe.plan", "peft_safe.registry"),
+    "peft_safe.safe": ("transformers", "peft_safe.callbacks", "peft_safe.measure", "peft_safe.bench",
+                       "peft_safe.plan", "peft_safe.registry"),
+    "peft_safe.tuners": ("transformers.trainer", "transformers.trainer_callback", "peft_safe.callbacks",
+                         "peft_safe.measure", "peft_safe.bench", "peft_safe.plan", "peft_safe.registry"),
+    "peft_safe.measure": ("peft", "transformers", "peft_safe.safe", "peft_safe.tuners", "peft_safe.callbacks",
+                          "peft_safe.bench", "peft_safe.plan", "peft_safe.registry"),
+    "peft_safe.batch": ("peft", "transformers", "peft_safe."),
+    "peft_safe._peft_types": ("transformers", "peft_safe."),
+    "peft_safe.callbacks": ("peft_safe.bench", "peft_safe.plan"),
+}
+
+
+def _module_names() -> Iterator[tuple[str, str]]:
+    for root, _, files in os.walk(PACKAGE_DIR):
+        for file in sorted(files):
+            if file.endswith(".py"):
+                path = os.path.join(root, file)
+                relative = os.path.relpath(path, os.path.dirname(PACKAGE_DIR))[: -len(".py")]
+                name = relative.replace(os.sep, ".").removesuffix(".__init__")
+                yield name, path
+
+
+MODULES = dict(_module_names())
+
+
+def _imports(name: str, path: str) -> set[str]:
+    """Every module ``name`` imports, anywhere in its source, as absolute dotted names."""
+    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                prefix = ".".join(base + ([node.module] if node.module else []))
+            else:
+                prefix = node.module
+            found.add(prefix)
+            for alias in node.names:  # ``from . import cka`` imports the submodule peft_safe.core.cka
+                if f"{prefix}.{alias.name}" in MODULES:
+                    found.add(f"{prefix}.{alias.name}")
+    return found
+
+
+GRAPH = {name: {m for m in _imports(name, path) if m in MODULES} for name, path in MODULES.items()}
+
+
+def test_the_walk_sees_the_package_and_its_imports():
+    # guards the test itself: a walk that found nothing would pass everything below
+    assert {"peft_safe.safe.model", "peft_safe.core.cka", "peft_safe.callbacks.safe"} <= set(MODULES)
+    assert "peft_safe.safe.scoring" in GRAPH["peft_safe.safe.model"]
+    assert "peft_safe.core.cka" in GRAPH["peft_safe.safe.scoring"]
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for target in sorted(graph[node]):
+            if state.get(target) == 1:
+                return path[path.index(target):] + [target]
+            if target not in state:
+                cycle = visit(target)
+                if cycle:
+                    return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            cycle = visit(node)
+            if cycle:
+                return cycle
+    return None
+
+
+def test_no_import_cycle_inside_the_package_lazy_imports_included():
+    assert _find_cycle(GRAPH) is None, " -> ".join(_find_cycle(GRAPH))
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+@pytest.mark.parametrize("layer", sorted(FORBIDDEN))
+def test_each_layer_imports_only_what_lies_below_it(layer):
+    offending = []
+    for name, path in MODULES.items():
+        if name != layer and not name.startswith(layer + "."):
+            continue
+        for imported in _imports(name, path):
+            for forbidden in FORBIDDEN[layer]:
+                if imported == forbidden.rstrip(".") or imported.startswith(forbidden.rstrip(".") + "."):
+                    offending.append(f"{name} imports {imported}")
+    assert not offending, offending
+
+
+def test_no_module_is_longer_than_a_few_hundred_lines():
+    long = {name: n for name, path in MODULES.items() if (n := sum(1 for _ in open(path))) > MAX_MODULE_LINES}
+    assert not long, long
+
+
+def test_every_module_says_what_it_owns():
+    missing = [name for name, path in MODULES.items() if ast.get_docstring(ast.parse(open(path).read())) is None]
+    assert not missing, missing
+
+
+def test_import_peft_safe_loads_no_trainer_and_leaves_torchs_flop_registry_alone():
+    code = (
+        "import sys\n"
+        "from torch.utils import flop_counter\n"
+        "before = set(flop_counter.flop_registry)\n"
+        "import peft_safe\n"
+        "assert set(flop_counter.flop_registry) == before, 'FLOP registry changed'\n"
+        "heavy = sorted(m for m in sys.modules if m.startswith(('transformers.trainer', 'peft_safe.callbacks', "
+        "'peft_safe.measure', 'peft_safe.bench', 'peft_safe.plan')))\n"
+        "assert not heavy, heavy\n"
+        "peft_safe.SAFECallback\n"  # the lazy names still resolve
+        "assert 'transformers.trainer_callback' in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
