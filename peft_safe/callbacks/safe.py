@@ -60,7 +60,9 @@ class SAFECallback(TrainerCallback):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
         if isinstance(probe_dataset, (str, bytes)) or (
-            probe_dataset is not None and not hasattr(probe_dataset, "__getitem__") and not hasattr(probe_dataset, "__iter__")
+            probe_dataset is not None
+            and not hasattr(probe_dataset, "__getitem__")
+            and not hasattr(probe_dataset, "__iter__")
         ):
             raise TypeError(
                 f"probe_dataset must be tokenized examples (a datasets.Dataset or list of dicts) or a list of ready "

@@ -64,7 +64,9 @@ class SchedulePolicy:
             tolerance = self.warmup_tolerance
             if tolerance is None:
                 tolerance = DEFAULT_WARMUP_TOLERANCE[self.warmup_rule]
-            settled = bool(previous) and warmup_converged(previous, scores, self.warmup_rule, tolerance, self.warmup_floor)
+            settled = bool(previous) and warmup_converged(
+                previous, scores, self.warmup_rule, tolerance, self.warmup_floor
+            )
             capped = self.warmup_cap is not None and t >= self.warmup_cap
             if settled or capped:
                 state.warmup_end = t

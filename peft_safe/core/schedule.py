@@ -146,7 +146,7 @@ def normalize_scores(scores: Mapping[str, float], scale: str) -> dict[str, float
         return {u: float(s) for u, s in scores.items()}
     top = max(scores.values(), default=0.0)
     if top == 0:
-        return {u: 0.0 for u in scores}
+        return dict.fromkeys(scores, 0.0)
     return {u: float(s) / top for u, s in scores.items()}
 
 

@@ -45,9 +45,9 @@ class FreezeState:
         """``"warmup"`` until t_w is found, ``"freezing"`` while the threshold rises, then ``"final"``."""
         if self.warmup_end is None:
             return "warmup"
-        if self.final_freeze_time is not None and self.last_scored is not None:
-            if self.last_scored >= self.final_freeze_time:
-                return "final"
+        both_known = self.final_freeze_time is not None and self.last_scored is not None
+        if both_known and self.last_scored >= self.final_freeze_time:
+            return "final"
         return "freezing"
 
     @property

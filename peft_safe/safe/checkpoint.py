@@ -64,7 +64,9 @@ def decode_payload(
     try:
         text = bytes(payload.cpu().tolist()).decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"the SAFE freeze state in this checkpoint is not UTF-8 ({err}); the file is corrupt.") from err
+        raise ValueError(
+            f"the SAFE freeze state in this checkpoint is not UTF-8 ({err}); the file is corrupt."
+        ) from err
     data = parse_state_json(text)  # parsed once: the state and the integrity record share it
     state = FreezeState.from_dict(data)
     if state.units != units:
@@ -103,7 +105,8 @@ def check_loadable(state_dict: dict[str, torch.Tensor], model: nn.Module) -> Non
 
 # ---------------------------------------------------------------------------------------------- integrity
 def _integrity_record(config: SAFEConfig, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-    return {"config": _config_fingerprint(config), "tensor_sha256": sorted(_tensor_digest(t) for t in tensors.values())}
+    digests = sorted(_tensor_digest(t) for t in tensors.values())
+    return {"config": _config_fingerprint(config), "tensor_sha256": digests}
 
 
 def _config_fingerprint(config: SAFEConfig) -> dict[str, Any]:

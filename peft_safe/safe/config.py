@@ -82,7 +82,8 @@ class SAFEConfig(PeftConfig):
     """
 
     adapter_config: PeftConfig | dict | None = field(
-        default=None, metadata={"help": "Config (or dict) of the wrapped adapter: LoRA, AdaLoRA, Houlsby, Pfeiffer, BitFit."}
+        default=None,
+        metadata={"help": "Config (or dict) of the wrapped adapter: LoRA, AdaLoRA, Houlsby, Pfeiffer, BitFit."},
     )
     tau: float = field(default=0.3, metadata={"help": "Final freezing threshold on the importance score, in (0, 1]."})
     final_freeze_time: float = field(
@@ -160,7 +161,8 @@ class SAFEConfig(PeftConfig):
             return config_cls(**kwargs)
         if not isinstance(adapter_config, PeftConfig):
             raise TypeError(
-                f"adapter_config must be a PeftConfig (e.g. LoraConfig) or its dict, got {type(adapter_config).__name__}."
+                "adapter_config must be a PeftConfig (e.g. LoraConfig) or its dict, "
+                f"got {type(adapter_config).__name__}."
             )
         if isinstance(adapter_config, SAFEConfig):
             raise ValueError("adapter_config is itself a SAFEConfig; SAFE wraps a plain adapter such as LoraConfig.")
@@ -217,7 +219,9 @@ class SAFEConfig(PeftConfig):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0 (it seeds the probe-token subsampling), got {self.seed!r}.")
         if self.blocks_path is not None and (not isinstance(self.blocks_path, str) or not self.blocks_path):
-            raise ValueError(f"blocks_path must be a dotted module path such as 'encoder.layer', got {self.blocks_path!r}.")
+            raise ValueError(
+                f"blocks_path must be a dotted module path such as 'encoder.layer', got {self.blocks_path!r}."
+            )
 
     # ------------------------------------------------------------------ derived values
     @property

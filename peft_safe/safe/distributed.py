@@ -120,8 +120,8 @@ def check_trainer_ddp(world_size: int, ddp_find_unused_parameters: bool | None) 
     """
     if world_size > 1 and ddp_find_unused_parameters is False:
         raise ValueError(
-            "SAFE under DistributedDataParallel needs ddp_find_unused_parameters=True (or unset: the Trainer's default "
-            f"for peft models), got False; {_FROZEN_UNITS_UNDER_DDP}"
+            "SAFE under DistributedDataParallel needs ddp_find_unused_parameters=True (or unset: the Trainer's "
+            f"default for peft models), got False; {_FROZEN_UNITS_UNDER_DDP}"
         )
 
 

@@ -215,7 +215,9 @@ class SAFEModel(BaseTuner):
         """The freezing threshold T(t) of the schedule as it stands (0 during warm-up)."""
         return self.schedule.threshold(t, self.freeze_state.warmup_end)
 
-    def compute_importance(self, probe_batches: Iterable[Any], units: Sequence[str | int] | None = None) -> dict[str, float]:
+    def compute_importance(
+        self, probe_batches: Iterable[Any], units: Sequence[str | int] | None = None
+    ) -> dict[str, float]:
         """Score units on the probe batches without changing the freeze state.
 
         Args:

@@ -40,7 +40,8 @@ def _check_probe_set(probe_batches: Any) -> None:
         )
     if isinstance(probe_batches, (str, bytes)) or not isinstance(probe_batches, Iterable):
         raise TypeError(
-            f"probe_batches must be an iterable of batches (a list of dicts of tensors), got {type(probe_batches).__name__}."
+            "probe_batches must be an iterable of batches (a list of dicts of tensors), "
+            f"got {type(probe_batches).__name__}."
         )
 
 
@@ -63,7 +64,9 @@ def _check_batch(model: nn.Module, batch: Any) -> None:
         value = batch.get(name)
         if not isinstance(value, torch.Tensor):
             if value is not None:
-                raise TypeError(f"probe batch {name!r} must be a tensor, got {type(value).__name__}; use return_tensors='pt'.")
+                raise TypeError(
+                    f"probe batch {name!r} must be a tensor, got {type(value).__name__}; use return_tensors='pt'."
+                )
             continue
         if value.numel() == 0:
             raise ValueError(f"probe batch {name!r} is empty (shape {tuple(value.shape)}); drop empty batches.")

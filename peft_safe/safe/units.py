@@ -44,9 +44,12 @@ def adapter_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, BaseT
     for name, module in model.named_modules():
         if isinstance(module, AuxiliaryTrainingWrapper):
             aux.append(name + ".")
-        elif isinstance(module, BaseTunerLayer) and not any(name.startswith(a) for a in aux):
-            if _holds_adapter(module, adapter_name):
-                found.append((name, module))
+        elif (
+            isinstance(module, BaseTunerLayer)
+            and not any(name.startswith(a) for a in aux)
+            and _holds_adapter(module, adapter_name)
+        ):
+            found.append((name, module))
     return found
 
 

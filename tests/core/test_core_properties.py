@@ -3,7 +3,7 @@
 import math
 
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peft_safe.core.cka import CKAAccumulator, linear_cka

@@ -10,7 +10,6 @@ JSON); a refused scoring leaves the state unchanged.
 from __future__ import annotations
 
 import json
-
 import math
 
 import pytest

@@ -11,12 +11,11 @@ import json
 import os
 import shutil
 
+import legacy_recipe as recipe
 import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-
-import legacy_recipe as recipe
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 

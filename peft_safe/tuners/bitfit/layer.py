@@ -105,7 +105,7 @@ class BitFitLayer(BaseTunerLayer):
     def unmerge(self) -> None:
         """Restore the base bias exactly as it was before merging (removing a bias that merging created)."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         base_layer = self.get_base_layer()
         if self._bias_before_merge is None:
