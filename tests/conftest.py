@@ -10,9 +10,9 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
+from tiny_models import VOCAB, tiny_bert
 from torch import nn
 from transformers import (
-    BertConfig,
     BertForSequenceClassification,
     GPT2Config,
     GPT2LMHeadModel,
@@ -23,7 +23,6 @@ from transformers import (
 import peft_safe  # noqa: F401  (registers the SAFE peft type)
 from peft_safe import SAFEConfig
 
-VOCAB = 100
 ARCHS = ("bert", "gpt2", "llama")
 
 # LoRA targets and peft task type per architecture; the unit (block list) path is what the issue promises.
@@ -42,17 +41,7 @@ class TinyModels:
     # ------------------------------------------------------------------ base models
     @staticmethod
     def bert(layers: int = 2, seed: int = 0, hidden: int = 32) -> BertForSequenceClassification:
-        torch.manual_seed(seed)
-        config = BertConfig(
-            vocab_size=VOCAB,
-            hidden_size=hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=64,
-            num_labels=2,
-        )
-        return BertForSequenceClassification(config).eval()
+        return tiny_bert(layers, seed, hidden, positions=64).eval()
 
     @staticmethod
     def gpt2(layers: int = 2, seed: int = 0) -> GPT2LMHeadModel:

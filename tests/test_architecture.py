@@ -49,9 +49,14 @@ def _module_names() -> Iterator[tuple[str, str]]:
 MODULES = dict(_module_names())
 
 
+def _source(path: str) -> str:
+    with open(path, encoding="utf-8") as file:
+        return file.read()
+
+
 def _imports(name: str, path: str) -> set[str]:
     """Every module ``name`` imports, anywhere in its source, as absolute dotted names."""
-    tree = ast.parse(open(path, encoding="utf-8").read(), path)
+    tree = ast.parse(_source(path), path)
     package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
     found = set()
     for node in ast.walk(tree):
@@ -130,12 +135,12 @@ def test_each_layer_imports_only_what_lies_below_it(layer):
 
 
 def test_no_module_is_longer_than_a_few_hundred_lines():
-    long = {name: n for name, path in MODULES.items() if (n := sum(1 for _ in open(path))) > MAX_MODULE_LINES}
+    long = {name: n for name, path in MODULES.items() if (n := _source(path).count("\n")) > MAX_MODULE_LINES}
     assert not long, long
 
 
 def test_every_module_says_what_it_owns():
-    missing = [name for name, path in MODULES.items() if ast.get_docstring(ast.parse(open(path).read())) is None]
+    missing = [name for name, path in MODULES.items() if ast.get_docstring(ast.parse(_source(path))) is None]
     assert not missing, missing
 
 

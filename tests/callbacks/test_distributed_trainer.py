@@ -1,6 +1,6 @@
 """SAFECallback in a real multi-process Trainer run: 2 CPU processes (gloo), launched by torchrun and accelerate.
 
-Each launch runs tests/reliability/_trainer_worker.py: a tiny random BERT (2 blocks, 32 wide) with LoRA under
+Each launch runs tests/callbacks/_trainer_worker.py: a tiny random BERT (2 blocks, 32 wide) with LoRA under
 SAFE, a step schedule that freezes a unit at step 4, each rank probing on its own data, DDP through the
 Trainer, one checkpoint at the last step (10). Every rank writes what it saw to rank{R}.json; the assertions
 run here. One launch costs ~20 s on 2 busy cores (process start-up and imports dominate).

@@ -132,7 +132,7 @@ def test_freeze_refuses_bad_arguments_and_freezes_nothing(tiny, units, optimizer
 def test_update_and_freeze_refuses_a_non_optimizer_before_scoring(tiny):
     safe = tiny.safe("bert").base_model
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
-        safe.update_and_freeze(0, [tiny.batch()], optimizer=[p for p in safe.parameters()])
+        safe.update_and_freeze(0, [tiny.batch()], optimizer=list(safe.parameters()))
     assert safe.freeze_state.history == []
 
 

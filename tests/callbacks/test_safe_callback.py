@@ -8,9 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from tiny_models import SEQ, marker_examples, tiny_bert
 from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -19,9 +18,6 @@ from transformers import (
 import peft_safe  # noqa: F401  (registers the SAFE peft type)
 from peft_safe import SAFECallback, SAFEConfig
 
-VOCAB = 100
-SEQ = 12
-MARKER = 7  # label 1 iff this token occurs in the sequence
 LAYERS = 4
 UNITS = [f"bert.encoder.layer.{i}" for i in range(LAYERS)]
 
@@ -44,18 +40,8 @@ pytestmark = pytest.mark.usefixtures("single_thread_torch")  # conftest: one int
 
 # ---------------------------------------------------------------------------------------------- builders
 def examples(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
-    """Tokenized examples of the synthetic task: half of them carry MARKER at a random position."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(MARKER + 1, VOCAB, (n, SEQ), generator=gen)
-    labels = torch.randint(0, 2, (n,), generator=gen)
-    positions = torch.randint(1, SEQ, (n,), generator=gen)
-    rows = torch.nonzero(labels == 1).flatten()
-    ids[rows, positions[rows]] = MARKER
-    ids[:, 0] = 1  # a CLS-like first token
-    return [
-        {"input_ids": ids[i], "attention_mask": torch.ones(SEQ, dtype=torch.long), "labels": labels[i]}
-        for i in range(n)
-    ]
+    """Tokenized examples of the synthetic task (tests/marker_task.py)."""
+    return marker_examples(n, seed, SEQ)
 
 
 def as_batches(rows: list[dict[str, torch.Tensor]], size: int) -> list[dict[str, torch.Tensor]]:
@@ -66,13 +52,7 @@ def as_batches(rows: list[dict[str, torch.Tensor]], size: int) -> list[dict[str,
 
 
 def safe_model(seed: int = 0, **schedule):
-    torch.manual_seed(seed)
-    base = BertForSequenceClassification(
-        BertConfig(
-            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2,
-            intermediate_size=64, num_labels=2,
-        )
-    )
+    base = tiny_bert(LAYERS, seed)
     config = SAFEConfig(
         adapter_config=LoraConfig(r=4, target_modules=["query", "value"]), task_type="SEQ_CLS", **schedule
     )
@@ -401,11 +381,7 @@ def test_empty_probe_set_raises_at_train_begin(tmp_path, empty):
 
 
 def test_model_without_safe_raises_at_train_begin(tmp_path):
-    torch.manual_seed(0)
-    base = BertForSequenceClassification(
-        BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                   intermediate_size=64, num_labels=2)
-    )
+    base = tiny_bert(2, 0)
     plain_lora = get_peft_model(base, LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
     trainer = Trainer(
         model=plain_lora, args=training_args(tmp_path, max_steps=2), train_dataset=examples(16, 1),

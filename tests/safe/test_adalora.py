@@ -51,7 +51,8 @@ def train(tiny, model, steps, freeze_at=None, freeze=(), optimizer=None):
 
 
 def singular_values(tiny, model, unit: str) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in tiny.adapter_params(model).items() if "lora_E" in n and tiny.in_unit(n, unit)}
+    params = tiny.adapter_params(model).items()
+    return {n: p.detach().clone() for n, p in params if "lora_E" in n and tiny.in_unit(n, unit)}
 
 
 def adapter_state(tiny, model) -> dict[str, torch.Tensor]:
@@ -118,7 +119,8 @@ def test_orthogonality_loss_still_reaches_the_trainable_units(tiny, single_threa
         model.base_model.freeze(UNITS[:2])
         model.train()
         model(**batch(tiny, 0)).loss.backward()
-        grads[weight] = {n: p.grad.clone() for n, p in tiny.adapter_params(model).items() if "lora_A" in n and p.grad is not None}
+        params = tiny.adapter_params(model).items()
+        grads[weight] = {n: p.grad.clone() for n, p in params if "lora_A" in n and p.grad is not None}
     assert grads[0.0].keys() == grads[0.5].keys()
     assert all(any(tiny.in_unit(n, u) for u in UNITS[2:]) for n in grads[0.5])  # only trainable units
     assert all(not torch.equal(grads[0.0][n], grads[0.5][n]) for n in grads[0.5])
@@ -140,7 +142,8 @@ def test_callback_allocates_ranks_at_every_optimizer_step_while_units_freeze(tin
         report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=1000,
     )
     probe = [{k: v for k, v in r.items() if k != "labels"} for r in rows[:8]]
-    trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[SAFECallback(probe_dataset=probe, batch_size=4)])
+    callback = SAFECallback(probe_dataset=probe, batch_size=4)
+    trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[callback])
     trainer.train()
     safe = model.base_model
     frozen = safe.frozen_units

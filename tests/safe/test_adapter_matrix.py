@@ -259,7 +259,9 @@ class AdapterCaseTester:
         return PeftModel.from_pretrained(self.base(), directory, is_trainable=True)
 
     def assert_same_outputs(self, actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-        torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6, msg=lambda m: f"{self.case.id}: {what}\n{m}")
+        torch.testing.assert_close(
+            actual, expected, rtol=1e-6, atol=1e-6, msg=lambda m: f"{self.case.id}: {what}\n{m}"
+        )
 
     # ------------------------------------------------------------------ the checks
     def check_forward_backward(self) -> None:

@@ -59,7 +59,8 @@ class ConstantRows(nn.Module):
 def test_constant_activations_score_zero_not_nan():
     torch.manual_seed(0)
     model = get_peft_model(
-        ConstantRows(), SAFEConfig(adapter_config=LoraConfig(r=2, target_modules=r"blocks\.\d\.0", init_lora_weights=False))
+        ConstantRows(),
+        SAFEConfig(adapter_config=LoraConfig(r=2, target_modules=r"blocks\.\d\.0", init_lora_weights=False)),
     )
     row = torch.randn(1, 8)
     scores = model.base_model.compute_importance([row.expand(16, 8).clone()])

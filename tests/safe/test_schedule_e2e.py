@@ -10,16 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import BertConfig, BertForSequenceClassification
+from tiny_models import SEQ, marker_task, tiny_bert
+from transformers import BertForSequenceClassification
 
 import peft_safe  # noqa: F401  (registers the SAFE peft type)
 from peft_safe import FreezeState, SAFEConfig
 from peft_safe.core.policy import SchedulePolicy
 from peft_safe.measure import SavedTensorMeter
 
-VOCAB = 100
-SEQ = 12
-MARKER = 7  # label 1 iff this token occurs in the sequence
 BATCH = 16
 
 
@@ -28,15 +26,8 @@ pytestmark = pytest.mark.usefixtures("single_thread_torch")  # conftest: one int
 
 # ---------------------------------------------------------------------------------------------- builders
 def task(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Synthetic task: half of the sequences carry MARKER somewhere; the label says whether it occurs."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(MARKER + 1, VOCAB, (n, SEQ), generator=gen)
-    labels = torch.randint(0, 2, (n,), generator=gen)
-    positions = torch.randint(1, SEQ, (n,), generator=gen)
-    rows = torch.nonzero(labels == 1).flatten()
-    ids[rows, positions[rows]] = MARKER
-    ids[:, 0] = 1
-    return ids, labels
+    """The synthetic task of tests/marker_task.py, as (input_ids, labels)."""
+    return marker_task(n, seed, SEQ)
 
 
 def batches(ids: torch.Tensor, labels: torch.Tensor | None = None) -> list[dict[str, torch.Tensor]]:
@@ -50,13 +41,7 @@ def batches(ids: torch.Tensor, labels: torch.Tensor | None = None) -> list[dict[
 
 
 def bert(layers: int, seed: int = 0) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    return BertForSequenceClassification(
-        BertConfig(
-            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-            intermediate_size=64, num_labels=2,
-        )
-    )
+    return tiny_bert(layers, seed)
 
 
 def safe_bert(layers: int, seed: int = 0, **safe_kwargs):
@@ -359,7 +344,7 @@ def test_policy_warmup_found_after_final_time_jumps_to_tau():
     assert state.frozen == {"block.0": 8, "block.1": 8}
 
 
-# ---------------------------------------------------------------------------------------------- scoring is free of side effects
+# ---------------------------------------------------------------------------------- scoring is free of side effects
 def test_scoring_that_freezes_nothing_trains_bit_identically_to_plain_lora():
     """SAFE scoring every step (dropout on, AdamW) must not change training: RNG, modes, grads all untouched.
 
@@ -409,7 +394,7 @@ def test_scoring_that_freezes_nothing_trains_bit_identically_to_plain_lora():
     assert all(torch.equal(safe[n], plain[n]) for n in plain)
 
 
-# ---------------------------------------------------------------------------------------------- default warm-up tolerance
+# ---------------------------------------------------------------------------------- default warm-up tolerance
 def growing_then_jittering(t: int) -> dict[str, float]:
     """Like the real MiniLM runs (docs/method.md): scores grow ~3x per scoring until t=4, then jitter by +-10 %."""
     level = 3.0 ** (min(t, 4) - 1)

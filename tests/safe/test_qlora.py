@@ -119,7 +119,9 @@ def quantized_base(path: str, case: QCase, checkpointing: bool = True) -> nn.Mod
 
 def adapter_config(adapter: str) -> object:
     if adapter == "lora":
-        return LoraConfig(r=4, lora_alpha=8, target_modules=PROJECTIONS, init_lora_weights=False, task_type="CAUSAL_LM")
+        return LoraConfig(
+            r=4, lora_alpha=8, target_modules=PROJECTIONS, init_lora_weights=False, task_type="CAUSAL_LM"
+        )
     preset = {"houlsby": HoulsbyConfig, "pfeiffer": PfeifferConfig}[adapter]
     return preset(init_weights=False, reduction_factor=4, task_type="CAUSAL_LM")
 
@@ -173,7 +175,11 @@ def test_qlora_train_score_freeze_save_and_reload_onto_a_fresh_quantized_base(ti
     assert isinstance(safe, SAFEModel)
     assert safe.adapter_units == [f"model.layers.{i}" for i in range(LAYERS)]
     # the adapters wrap the quantized layers, quantized as asked
-    wrapped = [m.get_base_layer() for m in safe.model.modules() if hasattr(m, "get_base_layer") and m is not m.get_base_layer()]
+    wrapped = [
+        m.get_base_layer()
+        for m in safe.model.modules()
+        if hasattr(m, "get_base_layer") and m is not m.get_base_layer()
+    ]
     assert wrapped and all(isinstance(layer, bnb.nn.Linear4bit) for layer in wrapped)
     for layer in wrapped:
         assert layer.weight.quant_type == case.quant_type

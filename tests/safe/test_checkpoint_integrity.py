@@ -8,6 +8,7 @@ freeze state exactly as before.
 from __future__ import annotations
 
 import json
+import pathlib
 import shutil
 
 import pytest
@@ -119,7 +120,9 @@ BROKEN = {
     "state-units-of-another-model": (
         edit_state(lambda d: d.update(units=[f"bert.encoder.layer.{i}" for i in range(5)], frozen={})),
         (ValueError,), ["bert.encoder.layer.4", "units"]),
-    "state-newer-format": (edit_state(lambda d: d.update(format_version=2)), (ValueError,), ["2", "upgrade peft_safe"]),
+    "state-newer-format": (
+        edit_state(lambda d: d.update(format_version=2)), (ValueError,), ["2", "upgrade peft_safe"]
+    ),
     "state-integrity-malformed": (edit_state(lambda d: d.update(integrity=[1, 2])), (ValueError,), ["integrity"]),
     "state-missing": (edit_tensors(lambda t: t.pop(FREEZE_STATE_KEY)), (ValueError,), ["no SAFE freeze state"]),
     "weights-missing": (remove(WEIGHTS), (Exception,), []),
@@ -228,8 +231,8 @@ def interrupt_weights_write(monkeypatch, serializer: str):
 
         def partial(tensors, filename, metadata=None):
             real(tensors, filename, metadata=metadata)
-            data = open(filename, "rb").read()
-            open(filename, "wb").write(data[: len(data) // 2])
+            path = pathlib.Path(filename)
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
             raise PowerCut("interrupted while writing the weights")
 
         monkeypatch.setattr(peft.peft_model, "safe_save_file", partial)
@@ -238,8 +241,8 @@ def interrupt_weights_write(monkeypatch, serializer: str):
 
         def partial(obj, filename, *args, **kwargs):
             real(obj, filename, *args, **kwargs)
-            data = open(filename, "rb").read()
-            open(filename, "wb").write(data[: len(data) // 2])
+            path = pathlib.Path(filename)
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
             raise PowerCut("interrupted while writing the weights")
 
         monkeypatch.setattr(peft.peft_model.torch, "save", partial)

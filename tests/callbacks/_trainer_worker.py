@@ -23,7 +23,6 @@ torch.set_num_threads(1)
 import torch.distributed as dist  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import (  # noqa: E402
-    BertConfig,
     BertForSequenceClassification,
     Trainer,
     TrainerCallback,
@@ -33,7 +32,10 @@ from transformers import (  # noqa: E402
 import peft_safe.safe.model as safe_model  # noqa: E402
 from peft_safe import SAFECallback, SAFEConfig  # noqa: E402
 
-VOCAB, SEQ, MARKER, LAYERS = 100, 12, 7, 2
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the shared synthetic task
+from tiny_models import SEQ, marker_examples, tiny_bert  # noqa: E402
+
+LAYERS = 2
 UNITS = [f"bert.encoder.layer.{i}" for i in range(LAYERS)]
 MAX_STEPS = 10
 FINAL_FREEZE = 6  # tau=1 on the normalized scale: every unit but the top scorer is frozen from step 6 on
@@ -44,28 +46,12 @@ SCHEDULE = dict(
 
 
 def examples(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
-    """The synthetic task of tests/integrations/test_trainer_callback.py: label 1 iff token MARKER occurs."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(MARKER + 1, VOCAB, (n, SEQ), generator=gen)
-    labels = torch.randint(0, 2, (n,), generator=gen)
-    positions = torch.randint(1, SEQ, (n,), generator=gen)
-    rows = torch.nonzero(labels == 1).flatten()
-    ids[rows, positions[rows]] = MARKER
-    ids[:, 0] = 1
-    return [
-        {"input_ids": ids[i], "attention_mask": torch.ones(SEQ, dtype=torch.long), "labels": labels[i]}
-        for i in range(n)
-    ]
+    """The synthetic task of tests/marker_task.py, shared with tests/callbacks/test_safe_callback.py."""
+    return marker_examples(n, seed, SEQ)
 
 
 def base_model() -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    return BertForSequenceClassification(
-        BertConfig(
-            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2,
-            intermediate_size=64, num_labels=2,
-        )
-    )
+    return tiny_bert(LAYERS, 0)
 
 
 def unit_params(peft_model, unit: str) -> dict[str, torch.nn.Parameter]:

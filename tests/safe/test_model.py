@@ -274,7 +274,8 @@ def test_freeze_deletes_optimizer_state_of_frozen_parameters_only(tiny):
     optimizer.zero_grad()
     adapters = tiny.adapter_params(model)
     assert all(p in optimizer.state for p in adapters.values())
-    kept = {n: copy.deepcopy(optimizer.state[p]) for n, p in adapters.items() if not tiny.in_unit(n, "bert.encoder.layer.2")}
+    unit = "bert.encoder.layer.2"
+    kept = {n: copy.deepcopy(optimizer.state[p]) for n, p in adapters.items() if not tiny.in_unit(n, unit)}
 
     model.base_model.freeze(["bert.encoder.layer.2"], optimizer=optimizer)
     for name, param in adapters.items():

@@ -1,0 +1,47 @@
+"""What the tests share beyond conftest's ``tiny`` fixture: the tiny BERT and the synthetic MARKER task.
+
+A plain module, not fixtures, so that module-level builders of test files and the two-process worker (which
+runs outside pytest) use the same code; conftest's :class:`TinyModels` builds its BERT here too.
+
+The task: label 1 iff token MARKER occurs in the sequence. Half of the sequences carry MARKER at a random
+position (never the first, a CLS-like token 1); the other tokens are drawn above MARKER, so the label is a
+function of the input that a tiny model learns in a few steps.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+VOCAB = 100
+MARKER = 7
+SEQ = 12
+
+
+def tiny_bert(layers: int = 2, seed: int = 0, hidden: int = 32, positions: int = 512) -> BertForSequenceClassification:
+    """A seeded random BERT classifier (2 labels, 2 heads, FFN 64), in training mode as built."""
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=positions, num_labels=2,
+    )
+    return BertForSequenceClassification(config)
+
+
+def marker_task(n: int, seed: int, seq: int = SEQ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, labels)`` of ``n`` sequences of ``seq`` tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(MARKER + 1, VOCAB, (n, seq), generator=gen)
+    labels = torch.randint(0, 2, (n,), generator=gen)
+    positions = torch.randint(1, seq, (n,), generator=gen)
+    rows = torch.nonzero(labels == 1).flatten()
+    ids[rows, positions[rows]] = MARKER
+    ids[:, 0] = 1
+    return ids, labels
+
+
+def marker_examples(n: int, seed: int, seq: int = SEQ) -> list[dict[str, torch.Tensor]]:
+    """The same task as tokenized examples (``input_ids``, ``attention_mask``, ``labels``), one dict each."""
+    ids, labels = marker_task(n, seed, seq)
+    mask = torch.ones(seq, dtype=torch.long)
+    return [{"input_ids": ids[i], "attention_mask": mask, "labels": labels[i]} for i in range(n)]
