@@ -1,4 +1,7 @@
-"""SAFEModel on tiny random BERT, GPT-2 and LLaMA: injection, adapter units, freezing, memory, importance."""
+"""SAFEModel on tiny random BERT, GPT-2 and LLaMA: injection, adapter units, freezing, memory, the schedule.
+
+Scoring (importance) is tested in test_scoring.py.
+"""
 
 from __future__ import annotations
 
@@ -32,15 +35,6 @@ def requires_grad_map(model: nn.Module) -> dict[str, bool]:
 def loss_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     labels = torch.arange(batch["input_ids"].shape[0]) % 2
     return model(**batch, labels=labels).loss
-
-
-def perturb_unit(tiny, model, unit: str, seed: int = 0, scale: float = 1.0) -> None:
-    """Give a unit's LoRA B matrices random values (a fresh LoRA has B = 0, i.e. no effect)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in unit_params(tiny, model, unit).items():
-            if ".lora_B." in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * scale)
 
 
 class Block(nn.Module):
@@ -411,158 +405,7 @@ def test_freezing_middle_units_saves_much_less_than_bottom_units(tiny, memory_ba
     assert middle_saving < 0.25 * bottom_saving
 
 
-# ---------------------------------------------------------------------------------------------- importance
-def test_importance_is_empty_before_any_scoring(tiny):
-    safe = tiny.safe("bert", layers=3).base_model
-    assert safe.importance == {} and safe.raw_importance == {}
-    safe.compute_importance([tiny.batch()])
-    assert safe.importance == {}  # compute_importance only reports; it records nothing
-    assert safe.freeze_state.history == []
-
-
-@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
-def test_compute_importance_gives_one_score_per_unit_in_unit_interval(tiny, arch):
-    model = tiny.safe(arch, layers=3)
-    scores = model.base_model.compute_importance([tiny.batch(seed=1), tiny.batch(seed=2)])
-    assert list(scores) == model.base_model.adapter_units
-    assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in scores.values())
-    assert any(v > 0 for v in scores.values())
-
-
-def test_update_and_freeze_records_scores_and_normalised_importance(tiny):
-    safe = tiny.safe("bert", layers=3).base_model
-    batches = [tiny.batch(seed=1)]
-    expected = safe.compute_importance(batches)
-    safe.update_and_freeze(0, batches)
-    assert safe.raw_importance == pytest.approx(expected, rel=1e-9, abs=1e-12)
-    top = max(expected.values())
-    assert safe.importance == pytest.approx({k: v / top for k, v in expected.items()})
-    assert max(safe.importance.values()) == pytest.approx(1.0)
-    assert [entry["t"] for entry in safe.freeze_state.history] == [0]
-
-
-@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
-def test_zero_adapters_score_zero_and_a_perturbed_unit_scores_above_zero(tiny, arch):
-    model = tiny.safe(arch, layers=3, lora=tiny.lora(arch, init_lora_weights=True))  # B = 0: no effect
-    safe = model.base_model
-    batches = [tiny.batch(batch=2, seq=10, seed=4)]
-    assert all(v < 1e-9 for v in safe.compute_importance(batches).values())
-
-    middle = safe.adapter_units[1]
-    perturb_unit(tiny, model, middle)
-    scores = safe.compute_importance(batches)
-    assert scores[middle] > 1e-4
-    assert all(v < 1e-9 for unit, v in scores.items() if unit != middle)
-
-
-def test_normalised_importance_of_adapters_that_do_nothing_is_zero(tiny):
-    model = tiny.safe("bert", layers=3, lora=tiny.lora("bert", init_lora_weights=True))  # B = 0 everywhere
-    safe = model.base_model
-    safe.update_and_freeze(0, [tiny.batch(batch=2, seq=10, seed=4)])
-    assert all(v < 1e-9 for v in safe.raw_importance.values())
-    assert all(v < 1e-6 for v in safe.importance.values()), safe.importance
-
-
-def test_llama_with_grouped_kv_heads_is_scored(tiny):
-    base = tiny.llama(layers=2, kv_heads=2)
-    torch.manual_seed(1)
-    model = get_peft_model(base, tiny.safe_config("llama"))
-    scores = model.base_model.compute_importance([tiny.batch()])
-    assert list(scores) == ["model.layers.0", "model.layers.1"]
-    assert all(0.0 < v <= 1.0 for v in scores.values())
-
-
-def _linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Naive float64 reference: ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) on column-centred rows."""
-    x = x.double() - x.double().mean(0, keepdim=True)
-    y = y.double() - y.double().mean(0, keepdim=True)
-    return float((y.T @ x).norm() ** 2 / ((x.T @ x).norm() * (y.T @ y).norm()))
-
-
-def test_importance_matches_one_minus_linear_cka_of_block_output_with_and_without_adapters(tiny):
-    model = tiny.safe("bert", layers=3, lora=tiny.lora("bert", init_lora_weights=True))
-    last = model.base_model.adapter_units[-1]
-    perturb_unit(tiny, model, last)
-    batch = tiny.batch(batch=3, seq=9, seed=6)
-    batch["attention_mask"][1, 5:] = 0
-    batch["attention_mask"][2, 7:] = 0
-    real = batch["attention_mask"].bool()
-    # only the last block's adapters act, so its input is the same with or without adapters and the
-    # model's final hidden state is that block's output in both cases
-    with torch.no_grad():
-        x = model(**batch, output_hidden_states=True).hidden_states[-1][real]
-        with model.disable_adapter():
-            y = model(**batch, output_hidden_states=True).hidden_states[-1][real]
-    expected = 1.0 - _linear_cka(x, y)
-    assert expected > 1e-4
-    score = model.base_model.compute_importance([batch])[last]
-    assert score == pytest.approx(expected, rel=1e-6, abs=1e-9)
-
-
-@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
-def test_padding_tokens_do_not_change_the_score(tiny, arch):
-    model = tiny.safe(arch, layers=2)
-    batch = tiny.batch(batch=2, seq=10, seed=8)
-    batch["attention_mask"][1, 6:] = 0
-    other = {k: v.clone() for k, v in batch.items()}
-    other["input_ids"][1, 6:] = (other["input_ids"][1, 6:] + 37) % 99 + 1  # different ids at padded positions
-    assert not torch.equal(other["input_ids"], batch["input_ids"])
-    safe = model.base_model
-    assert safe.compute_importance([batch]) == pytest.approx(safe.compute_importance([other]), rel=1e-5, abs=1e-9)
-
-
-def test_padded_batch_scores_like_the_same_tokens_unpadded(tiny):
-    model = tiny.safe("bert", layers=2)
-    batch = tiny.batch(batch=2, seq=10, seed=8)
-    batch["attention_mask"][1, 6:] = 0
-    row0 = {k: v[:1] for k, v in batch.items()}
-    row1 = {k: v[1:, :6] for k, v in batch.items()}
-    safe = model.base_model
-    assert safe.compute_importance([batch]) == pytest.approx(safe.compute_importance([row0, row1]), rel=1e-5)
-
-
-def test_compute_importance_leaves_global_rng_untouched_and_is_deterministic(tiny):
-    model = tiny.safe("bert", layers=3, probe_tokens=4)  # forces token subsampling
-    batches = [tiny.batch(batch=2, seq=10, seed=s) for s in (1, 2)]
-    torch.manual_seed(123)
-    state = torch.random.get_rng_state()
-    first = model.base_model.compute_importance(batches)
-    assert torch.equal(torch.random.get_rng_state(), state)
-    second = model.base_model.compute_importance(batches)
-    assert first == second
-
-
-@pytest.mark.parametrize("training", [True, False])
-def test_compute_importance_restores_training_modes(tiny, training):
-    model = tiny.safe("bert", layers=2)
-    model.train(training)
-    odd_one = model.base_model.model.bert.encoder.layer[0].attention
-    odd_one.train(not training)
-    modes = {name: m.training for name, m in model.named_modules()}
-    model.base_model.compute_importance([tiny.batch()])
-    assert {name: m.training for name, m in model.named_modules()} == modes
-
-
-def test_compute_importance_accepts_a_generator_of_batches(tiny):
-    safe = tiny.safe("bert", layers=2).base_model
-    batches = [tiny.batch(seed=s) for s in (1, 2)]
-    assert safe.compute_importance(b for b in batches) == safe.compute_importance(batches)
-
-
-def test_empty_probe_set_raises(tiny):
-    safe = tiny.safe("bert", layers=2).base_model
-    with pytest.raises(ValueError, match="empty"):
-        safe.compute_importance([])
-
-
-def test_probe_batch_without_input_ids_raises_naming_its_keys(tiny):
-    safe = tiny.safe("bert", layers=2).base_model
-    ids = tiny.ids()
-    with pytest.raises(ValueError) as info:
-        safe.compute_importance([{"tokens": ids, "mask": torch.ones_like(ids)}])
-    assert "tokens" in str(info.value) and "mask" in str(info.value)
-
-
+# ---------------------------------------------------------------------------------------------- schedule
 def test_update_and_freeze_freezes_units_below_the_threshold(tiny):
     # raw scale, tau at its maximum, warm-up capped at t=1 and t_f=2: at t=2 the threshold is tau = 1,
     # so every unit (raw score < 1) freezes; at t=1 the threshold is 0 and nothing freezes.
