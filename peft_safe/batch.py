@@ -48,7 +48,7 @@ def call_model(model: nn.Module, batch: Any, **overrides: Any) -> Any:
 
 
 def batch_tensors(batch: Any) -> Iterator[torch.Tensor]:
-    """The tensors of a batch, at any depth of mappings, tuples and lists."""
+    """The tensors of a batch (or any nest of mappings, tuples and lists, e.g. optimizer state), at any depth."""
     if isinstance(batch, torch.Tensor):
         yield batch
     elif isinstance(batch, Mapping):

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..batch import batch_tensors
+
 __all__ = [
     "MIB",
     "SavedTensorMeter",
@@ -254,20 +256,8 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
             f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}; "
             "pass the optimizer itself, not its state_dict()."
         )
-    unique = {id(t): t for t in _tensors_in(list(optimizer.state.values()))}
+    unique = {id(t): t for t in batch_tensors(list(optimizer.state.values()))}
     return sum(t.nbytes for t in unique.values())
-
-
-def _tensors_in(value: Any) -> Iterator[torch.Tensor]:
-    """Yield the tensors nested in dicts, lists and tuples of ``value``."""
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors_in(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors_in(item)
 
 
 def _check_module(model: object) -> None:
