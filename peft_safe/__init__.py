@@ -23,7 +23,7 @@ from .tuners.bottleneck import BottleneckConfig, BottleneckModel, HoulsbyConfig,
 
 _register()
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Public names whose modules import transformers' Trainer or touch torch's FLOP registry: loaded on first use.
 _LAZY = {
