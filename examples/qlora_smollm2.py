@@ -82,20 +82,6 @@ def load_base(path: str, compute_dtype: torch.dtype, checkpointing: str):
     return model
 
 
-def perplexity(model, blocks: torch.Tensor, batch_size: int) -> float:
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(blocks), batch_size):
-            ids = blocks[i : i + batch_size]
-            loss = model(input_ids=ids, labels=ids).loss
-            n = ids.shape[0] * (ids.shape[1] - 1)  # tokens predicted
-            total, count = total + loss.item() * n, count + n
-    model.train(was_training)
-    return math.exp(total / count)
-
-
 def step_costs(model, batch: dict) -> dict[str, float]:
     """Saved-activation bytes and FLOPs of one forward + backward (no optimizer step: the weights stay put)."""
     from peft_safe.measure import measure_training_step
@@ -110,6 +96,7 @@ def run(args, name: str, train: torch.Tensor, valid: torch.Tensor, probe: list[d
 
     from peft_safe import SAFEConfig
     from peft_safe.assets import smollm2_path
+    from peft_safe.bench.runs import perplexity
 
     compute_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.compute_dtype]
     model = load_base(smollm2_path(), compute_dtype, args.checkpointing)

@@ -2,30 +2,32 @@
 training, the freeze timeline (units x steps, as Figure 5 of the SAFE paper) and training memory over steps.
 
 Drawn with matplotlib's object API on a plain :class:`~matplotlib.figure.Figure` (Agg canvas), so no pyplot
-state or GUI backend is touched. matplotlib is an optional dependency (``pip install peft-safe[bench]``).
+state or GUI backend is touched. matplotlib is an optional dependency (``pip install peft-safe[bench]``),
+imported only when a plot is drawn. Imports :mod:`.report` (unit names) and ``MIB``; never torch, peft,
+transformers, :mod:`.runs` or :mod:`.cli`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["plot_freeze_timeline", "plot_importance", "plot_memory"]
+from ..measure.memory import MIB
+from .report import short_unit
 
-_MIB = 2**20
+__all__ = ["plot_freeze_timeline", "plot_importance", "plot_memory"]
 
 
 def _figure(width: float = 7.0, height: float = 4.0) -> Any:
+    """A blank matplotlib figure of ``width`` x ``height`` inches, not tied to pyplot.
+
+    Raises:
+        ImportError: if matplotlib is not installed, naming the package to install.
+    """
     try:
         from matplotlib.figure import Figure
     except ImportError as error:  # pragma: no cover - matplotlib is installed with the bench extra
         raise ImportError("plots need matplotlib: pip install matplotlib (or peft-safe[bench]).") from error
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
-
-
-def _short(unit: str) -> str:
-    """``bert.encoder.layer.3`` -> ``layer.3``: the block, without the model's prefix."""
-    parts = unit.split(".")
-    return ".".join(parts[-2:]) if len(parts) >= 2 else unit
 
 
 def plot_importance(run: dict[str, Any], path: str) -> None:
@@ -43,7 +45,7 @@ def plot_importance(run: dict[str, Any], path: str) -> None:
         if not points:
             continue
         color = f"C{index % 10}"
-        ax.plot([t for t, _ in points], [s for _, s in points], marker=".", color=color, label=_short(unit))
+        ax.plot([t for t, _ in points], [s for _, s in points], marker=".", color=color, label=short_unit(unit))
         if run["freeze_steps"].get(unit) is not None:
             ax.plot(*points[-1], marker="x", markersize=9, color=color)
     if run.get("warmup_end") is not None:
@@ -75,7 +77,7 @@ def plot_freeze_timeline(run: dict[str, Any], path: str) -> None:
             ax.broken_barh([(frozen_at, end - frozen_at)], (row - 0.4, 0.8), color="lightgrey")
     if run.get("warmup_end") is not None:
         ax.axvline(run["warmup_end"], color="black", linestyle=":")
-    ax.set_yticks(range(len(units)), [_short(u) for u in units])
+    ax.set_yticks(range(len(units)), [short_unit(u) for u in units])
     ax.set_xlim(0, max(end, 1))
     ax.set_xlabel("optimizer step (orange: trainable, grey: frozen, dotted: warm-up end)")
     ax.set_title(f"{run['adapter']}+SAFE, seed {run['seed']}: freeze timeline")
@@ -96,9 +98,9 @@ def plot_memory(baseline: dict[str, Any], safe: dict[str, Any], path: str) -> No
                               (safe, "tab:orange", f"{safe['adapter']}+SAFE")):
         series = run["memory_series"]
         steps = [r["step"] for r in series]
-        ax.plot(steps, [r["training_bytes"] / _MIB for r in series], color=color, drawstyle="steps-post",
+        ax.plot(steps, [r["training_bytes"] / MIB for r in series], color=color, drawstyle="steps-post",
                 label=f"{label}: training")
-        ax.plot(steps, [r["activation_bytes"] / _MIB for r in series], color=color, linestyle="--",
+        ax.plot(steps, [r["activation_bytes"] / MIB for r in series], color=color, linestyle="--",
                 drawstyle="steps-post", label=f"{label}: activations")
     for t in sorted({t for t in safe["freeze_steps"].values() if t is not None}):
         ax.axvline(t, color="grey", linewidth=0.8, linestyle=":")

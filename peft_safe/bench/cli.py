@@ -1,0 +1,216 @@
+"""The ``peft-safe bench`` command: its flags, their checks, the runs of every adapter and seed, the output.
+
+Owns :func:`build_parser`, the flag checks, :func:`run_bench` (the report ``--json`` writes), :func:`write_plots`
+and :func:`main`, the only code of the bench that prints. Imports :mod:`.data`, :mod:`.runs`, :mod:`.report` and
+:mod:`.plots` (peft and transformers lazily, for their versions); nothing in the bench imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+from typing import Any
+
+import torch
+
+from .data import TASKS, BenchInputError, prepare_task
+from .plots import plot_freeze_timeline, plot_importance, plot_memory
+from .report import format_table, summarize
+from .runs import ADAPTERS, adapter_config, run_one, safe_config, total_steps_of
+
+# the parent of :mod:`.runs`' logger, which logs one line per finished run
+logger = logging.getLogger("peft_safe.bench")
+
+DESCRIPTION = (
+    "``peft-safe bench``: each adapter with and without SAFE, on the same data, seeds and steps, "
+    "measured side by side."
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``peft-safe bench``'s flags (checked further by :func:`main`)."""
+    p = argparse.ArgumentParser(prog="peft-safe bench", description=DESCRIPTION)
+    p.add_argument("--task", default="rotten_tomatoes",
+                   help="rotten_tomatoes (default), trec, wikitext2 (SmolLM2, perplexity), or a local .csv/.json/"
+                        ".jsonl file with --text-column and --label-column")
+    p.add_argument("--text-column", default="text", help="text column of a local data file")
+    p.add_argument("--label-column", default="label", help="label column of a local data file")
+    p.add_argument("--model", help="local model folder (default: all-MiniLM-L6-v2; SmolLM2-135M for wikitext2)")
+    p.add_argument("--adapters", default="lora",
+                   help=f"comma-separated adapters, each run without and with SAFE: {','.join(ADAPTERS)}")
+    p.add_argument("--seeds", type=int, default=1, help="number of seeds (0, 1, ...): mean and spread over them")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="first seed, so seeds can run in separate processes: --first-seed 2 --seeds 1 runs seed 2")
+    p.add_argument("--train-size", type=int, default=2000, help="training examples (wikitext2: blocks)")
+    p.add_argument("--test-size", type=int, default=1000)
+    p.add_argument("--probe-size", type=int, default=32, help="examples SAFE scores importance on")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=64, help="tokens per example (wikitext2: per block)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank (AdaLoRA's target rank)")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--tau", type=float, default=0.3)
+    p.add_argument("--final-freeze-fraction", type=float, default=0.4,
+                   help="t_f as a fraction of the run's optimizer steps")
+    p.add_argument("--warmup-tolerance", type=float, default=None,
+                   help="warm-up ends once the importance vector moves by less than this fraction of its norm "
+                        "(default: SAFEConfig's, 0.15)")
+    p.add_argument("--warmup-cap-fraction", type=float, default=None,
+                   help="warm-up ends at the latest at this fraction of the run (default: 0.35, or half of t_f "
+                        "when t_f comes earlier)")
+    p.add_argument("--score-every", type=int, default=20, help="SAFE scoring interval in optimizer steps")
+    p.add_argument("--measure-every", type=int, default=5, help="measure memory every N steps")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="write config, per-seed results, memory series and importance history here")
+    p.add_argument("--plots", help="folder for the PNG plots (default: the JSON's folder, else ./bench_out)")
+    p.add_argument("--no-plots", action="store_true", help="write no plots")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no log lines")
+    return p
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject bad flags with a message naming the value and the fix (argparse exits with status 2).
+
+    Also normalises ``args.adapters`` from the comma-separated flag to a list without repeats.
+    """
+    for name in ("seeds", "train_size", "test_size", "probe_size", "epochs", "batch_size", "max_length", "rank",
+                 "score_every", "measure_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+    if args.first_seed < 0:
+        parser.error(f"--first-seed must be >= 0, got {args.first_seed}.")
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be >= 1, got {args.steps}.")
+    if not 0 < args.final_freeze_fraction <= 1:
+        parser.error(f"--final-freeze-fraction must be in (0, 1], got {args.final_freeze_fraction}.")
+    if args.warmup_cap_fraction is not None and not 0 < args.warmup_cap_fraction < args.final_freeze_fraction:
+        parser.error(f"--warmup-cap-fraction must be in (0, --final-freeze-fraction {args.final_freeze_fraction}), "
+                     f"got {args.warmup_cap_fraction}.")
+    if args.warmup_tolerance is not None and not args.warmup_tolerance > 0:
+        parser.error(f"--warmup-tolerance must be > 0, got {args.warmup_tolerance}.")
+    if not 0 < args.tau <= 1:
+        parser.error(f"--tau must be in (0, 1], got {args.tau}.")
+    if not args.lr > 0:
+        parser.error(f"--lr must be > 0, got {args.lr}.")
+    adapters = [a.strip().lower() for a in args.adapters.split(",") if a.strip()]
+    unknown = [a for a in adapters if a not in ADAPTERS]
+    if unknown or not adapters:
+        parser.error(f"unknown adapter {unknown[0] if unknown else args.adapters!r} in --adapters; "
+                     f"choose from {','.join(ADAPTERS)}.")
+    args.adapters = list(dict.fromkeys(adapters))
+    if args.task not in TASKS:
+        if not args.task.lower().endswith((".csv", ".json", ".jsonl")):
+            parser.error(f"--task must be one of {', '.join(TASKS)} or a .csv/.json/.jsonl file, got {args.task!r}.")
+        if not os.path.isfile(args.task):
+            parser.error(f"--task data file {args.task!r} does not exist.")
+    if args.model is not None and not os.path.isfile(os.path.join(args.model, "config.json")):
+        parser.error(f"--model {args.model!r} is not a model folder (no config.json in it).")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device} was asked for but CUDA is not available; use --device cpu.")
+
+
+def write_plots(report: dict[str, Any], folder: str) -> list[str]:
+    """The PNG plots of a report (see :mod:`peft_safe.bench.plots`), for the first seed of each adapter.
+
+    Args:
+        report: what :func:`run_bench` returns.
+        folder: where the plots go (made if missing).
+
+    Returns:
+        The files written.
+    """
+    os.makedirs(folder, exist_ok=True)
+    written = []
+    first_seed = report["results"][0]["seed"]
+    for adapter in report["config"]["adapters"]:
+        runs = {r["safe"]: r for r in report["results"] if r["adapter"] == adapter and r["seed"] == first_seed}
+        for name, draw, drawn in (
+            (f"importance_{adapter}.png", plot_importance, (runs[True],)),
+            (f"freeze_timeline_{adapter}.png", plot_freeze_timeline, (runs[True],)),
+            (f"memory_{adapter}.png", plot_memory, (runs[False], runs[True])),
+        ):
+            path = os.path.join(folder, name)
+            draw(*drawn, path)
+            written.append(path)
+    return written
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every adapter without and with SAFE for every seed; return the report (what ``--json`` writes).
+
+    Args:
+        args: the parsed and checked bench flags.
+
+    Returns:
+        ``{"config": ..., "summary": ..., "results": ...}``: the task, the flags and the library versions; the
+        :func:`~peft_safe.bench.report.summarize` of the runs; each run's results.
+
+    Raises:
+        BenchInputError: if the data, or the SAFE schedule the flags make, cannot be used (before any training).
+        FileNotFoundError: if an asset package the task needs is not installed.
+    """
+    results = []
+    config: dict[str, Any] = {}
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        task = prepare_task(args, seed)
+        if seed == args.first_seed:  # a bad schedule fails here, not after the first baseline has trained
+            total_steps, task_type = total_steps_of(task, args), task.peft_task_type
+            for adapter in args.adapters:
+                safe_config(adapter_config(adapter, args, total_steps, task_type), args, total_steps, task_type)
+        for adapter in args.adapters:
+            baseline, base_meter = run_one(task, adapter, False, args, seed)
+            safe, safe_meter = run_one(task, adapter, True, args, seed)
+            # the "after last freeze" window is SAFE's, for both runs, so they are compared over the same steps
+            after = safe_meter.last_change or 0
+            baseline["memory"] = base_meter.summary(after_step=after).to_dict()
+            safe["memory"] = safe_meter.summary(after_step=after).to_dict()
+            results += [baseline, safe]
+        config = {"task_name": task.name, "kind": task.kind, "model_path": task.model_path,
+                  "num_labels": task.num_labels, "metric": task.metric_name, "total_steps": total_steps_of(task, args),
+                  "train_examples": len(task.train["input_ids"]), "test_examples": len(task.test["input_ids"])}
+    import peft
+    import transformers
+
+    config.update(vars(args))
+    config.update({"torch": torch.__version__, "peft": peft.__version__, "transformers": transformers.__version__,
+                   "python": platform.python_version(), "threads": torch.get_num_threads()})
+    return {"config": config, "summary": summarize(results), "results": results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``peft-safe bench``: parse and check the flags, run, print the table, write the JSON and the plots.
+
+    Args:
+        argv: the flags (default: ``sys.argv[1:]``).
+
+    Returns:
+        0; bad flags, data or assets exit with status 2 and a message naming the fix.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    if not args.quiet and not logger.handlers:  # one line per finished run; the tuner's own logs stay quiet
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    try:
+        report = run_bench(args)
+    except (BenchInputError, FileNotFoundError) as error:  # data or assets the flags point to are unusable
+        parser.exit(2, f"peft-safe bench: error: {error}\n")
+    print(format_table(report["results"], report["summary"]))
+    if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        os.makedirs(folder, exist_ok=True)
+        with open(args.json, "w") as handle:
+            json.dump(report, handle, indent=1)
+        print(f"results: {args.json}")
+    if not args.no_plots:
+        folder = args.plots or (os.path.dirname(os.path.abspath(args.json)) if args.json else "bench_out")
+        written = write_plots(report, folder)
+        print(f"plots: {', '.join(written)}")
+    return 0
