@@ -135,7 +135,8 @@ def run(args, name: str, train: torch.Tensor, valid: torch.Tensor, probe: list[d
                 print(f"  [{name}] step {step}: froze {len(newly)} units {_short(newly)} "
                       f"(threshold {safe.threshold(step):.3f}, cut at {safe.backprop_cut_block})")
         if step % max(1, args.steps // 6) == 0 or step == args.steps:
-            print(f"  [{name}] step {step}/{args.steps}: loss {loss.item():.3f} ({time.perf_counter() - started:.0f} s)")
+            elapsed = time.perf_counter() - started
+            print(f"  [{name}] step {step}/{args.steps}: loss {loss.item():.3f} ({elapsed:.0f} s)")
     train_time = time.perf_counter() - started
     after = step_costs(model, measure_batch)
     result = {"name": name, "ppl_before": base_ppl, "ppl_after": perplexity(model, valid, args.batch_size),
@@ -190,11 +191,13 @@ def _short(units: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--full", action="store_true", help="a longer run: 256-token blocks, 600 steps, 256 validation blocks")
+    parser.add_argument("--full", action="store_true",
+                        help="a longer run: 256-token blocks, 600 steps, 256 validation blocks")
     parser.add_argument("--steps", type=int, help="optimizer steps per run (default 16; 600 with --full)")
     parser.add_argument("--seq-len", type=int, help="tokens per packed block (default 64; 256 with --full)")
     parser.add_argument("--batch-size", type=int, help="blocks per step (default 2; 4 with --full)")
-    parser.add_argument("--valid-blocks", type=int, help="validation blocks for perplexity (default 16; 256 with --full)")
+    parser.add_argument("--valid-blocks", type=int,
+                        help="validation blocks for perplexity (default 16; 256 with --full)")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--tau", type=float, default=0.3, help="final threshold on normalised importance")
@@ -221,9 +224,10 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*use_reentrant.*|None of the inputs have requires_grad.*")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
+    from transformers import AutoTokenizer
+
     import peft_safe  # noqa: F401  (registers the SAFE peft type)
     from peft_safe.assets import load_wikitext2, smollm2_path
-    from transformers import AutoTokenizer
 
     register_bitsandbytes_flop_formulas()
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
@@ -253,7 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     for r in results:
         b, a = r["before"], r["after"]
         print(f"| {r['name']} | {r['ppl_before']:.2f} | {r['ppl_after']:.2f} | {a['trainable_params']:,} | "
-              f"{b['activation_MiB']:.2f} -> {a['activation_MiB']:.2f} | {b['fwd_GFLOP']:.2f} -> {a['fwd_GFLOP']:.2f} | "
+              f"{b['activation_MiB']:.2f} -> {a['activation_MiB']:.2f} | "
+              f"{b['fwd_GFLOP']:.2f} -> {a['fwd_GFLOP']:.2f} | "
               f"{b['bwd_GFLOP']:.2f} -> {a['bwd_GFLOP']:.2f} | {r['train_s']:.0f} s |")
     safe = results[1]
     frozen = sorted(safe["frozen"].items(), key=lambda kv: int(kv[0].rsplit(".", 1)[-1]))
