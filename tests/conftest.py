@@ -9,8 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from peft.tuners.tuners_utils import BaseTunerLayer
-from tiny_models import VOCAB, tiny_bert
+from tiny_models import VOCAB, adapter_params, tiny_bert
 from torch import nn
 from transformers import (
     BertForSequenceClassification,
@@ -113,24 +112,7 @@ class TinyModels:
             model.train(was_training)
 
     # ------------------------------------------------------------------ parameter views
-    @staticmethod
-    def adapter_params(model: nn.Module, adapter: str = "default") -> dict[str, nn.Parameter]:
-        """Adapter parameters found structurally (tuner layers' adapter containers), by full name."""
-        found = {}
-        for module_name, module in model.named_modules():
-            if not isinstance(module, BaseTunerLayer):
-                continue
-            for attr in module.adapter_layer_names:
-                container = getattr(module, attr, None)
-                if container is None or adapter not in container:
-                    continue
-                entry = container[adapter]
-                if isinstance(entry, nn.Parameter):
-                    found[f"{module_name}.{attr}.{adapter}"] = entry
-                else:
-                    for name, param in entry.named_parameters():
-                        found[f"{module_name}.{attr}.{adapter}.{name}"] = param
-        return found
+    adapter_params = staticmethod(adapter_params)
 
     @staticmethod
     def in_unit(param_name: str, unit: str) -> bool:

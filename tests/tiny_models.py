@@ -1,4 +1,4 @@
-"""What the tests share beyond conftest's ``tiny`` fixture: the tiny BERT and the synthetic MARKER task.
+"""What the tests share beyond conftest's ``tiny`` fixture: the tiny BERT, the MARKER task, adapter lookup.
 
 A plain module, not fixtures, so that module-level builders of test files and the two-process worker (which
 runs outside pytest) use the same code; conftest's :class:`TinyModels` builds its BERT here too.
@@ -11,6 +11,8 @@ function of the input that a tiny model learns in a few steps.
 from __future__ import annotations
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
 VOCAB = 100
@@ -45,3 +47,22 @@ def marker_examples(n: int, seed: int, seq: int = SEQ) -> list[dict[str, torch.T
     ids, labels = marker_task(n, seed, seq)
     mask = torch.ones(seq, dtype=torch.long)
     return [{"input_ids": ids[i], "attention_mask": mask, "labels": labels[i]} for i in range(n)]
+
+
+def adapter_params(model: nn.Module, adapter: str = "default") -> dict[str, nn.Parameter]:
+    """Adapter parameters found structurally (tuner layers' adapter containers), by full name."""
+    found = {}
+    for module_name, module in model.named_modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        for attr in module.adapter_layer_names:
+            container = getattr(module, attr, None)
+            if container is None or adapter not in container:
+                continue
+            entry = container[adapter]
+            if isinstance(entry, nn.Parameter):
+                found[f"{module_name}.{attr}.{adapter}"] = entry
+            else:
+                for name, param in entry.named_parameters():
+                    found[f"{module_name}.{attr}.{adapter}.{name}"] = param
+    return found

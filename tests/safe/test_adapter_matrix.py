@@ -21,6 +21,7 @@ import pytest
 import torch
 from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
+from tiny_models import adapter_params
 from torch import nn
 from transformers import (
     BertConfig,
@@ -169,23 +170,6 @@ CASES = [Case(adapter, arch) for arch in ARCHS for adapter in ADAPTERS]
 
 
 # ---------------------------------------------------------------------------------------------- the tester
-def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Adapter parameters of the ``default`` adapter, found structurally, by their name in ``model``."""
-    found = {}
-    for module_name, module in model.named_modules():
-        if not isinstance(module, BaseTunerLayer):
-            continue
-        for attr in module.adapter_layer_names:
-            container = getattr(module, attr, None)
-            if container is None or "default" not in container:
-                continue
-            entry = container["default"]
-            params = [("", entry)] if isinstance(entry, nn.Parameter) else list(entry.named_parameters())
-            for name, param in params:
-                found[".".join(filter(None, (module_name, attr, "default", name)))] = param
-    return found
-
-
 def requires_grad_pattern(model: nn.Module) -> dict[str, bool]:
     return {name: param.requires_grad for name, param in model.named_parameters()}
 
@@ -271,7 +255,7 @@ class AdapterCaseTester:
         loss = self.loss(model)
         assert torch.isfinite(loss)
         loss.backward()
-        adapters = set(adapter_parameters(model).values())
+        adapters = set(adapter_params(model).values())
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         assert any(p in adapters for p in trainable.values())
         for name, param in model.named_parameters():
@@ -291,7 +275,7 @@ class AdapterCaseTester:
         adapters = {name for name, p in model.named_parameters() if p.requires_grad}
         changed = {k for k, v in before.items() if not torch.equal(v, after[k])}
         assert changed, "an optimizer step changed nothing"
-        assert changed & set(adapter_parameters(model)), "no adapter parameter changed"
+        assert changed & set(adapter_params(model)), "no adapter parameter changed"
         assert changed <= adapters, f"base weights changed: {sorted(changed - adapters)}"
 
     def check_save_load_round_trip(self) -> None:
@@ -351,7 +335,7 @@ class AdapterCaseTester:
         frozen = self.freeze_bottom_half(model, optimizer)
         self.train(model, optimizer, steps=1)
         pattern = requires_grad_pattern(model)
-        frozen_params = [name for name, param in adapter_parameters(model).items() if not param.requires_grad]
+        frozen_params = [name for name, param in adapter_params(model).items() if not param.requires_grad]
         assert frozen_params, "freezing left every adapter parameter trainable"
         state = model.base_model.freeze_state.to_dict()
 
@@ -364,9 +348,9 @@ class AdapterCaseTester:
             pass
         loaded.base_model.set_adapter("default")
         assert requires_grad_pattern(loaded) == pattern
-        before = {name: p.detach().clone() for name, p in adapter_parameters(loaded).items()}
+        before = {name: p.detach().clone() for name, p in adapter_params(loaded).items()}
         self.train(loaded, self.optimizer(loaded), steps=1)
-        after = adapter_parameters(loaded)
+        after = adapter_params(loaded)
         assert all(torch.equal(before[name], after[name]) for name in frozen_params)
         assert any(not torch.equal(before[name], after[name]) for name in after if name not in frozen_params)
 
@@ -411,7 +395,7 @@ def test_adapter_trains_without_safe(adapter: str, arch: str, checkpoint_4bit, t
     torch.manual_seed(1)
     model = get_peft_model(base, _adapter_config(adapter, arch))
     assert not isinstance(model.base_model, SAFEModel)
-    assert set(adapter_parameters(model)), "no adapter was injected"
+    assert set(adapter_params(model)), "no adapter was injected"
     optimizer = tester.optimizer(model)
     losses = []
     for _ in range(6):
