@@ -247,7 +247,7 @@ class SAFEConfig(PeftConfig):
             f"SAFEConfig.{old} is deprecated and will be removed in peft_safe 0.3; use {new} (same meaning). "
             f"Re-saving the adapter writes the new name.",
             FutureWarning,
-            stacklevel=4,
+            stacklevel=4 if at_init else 3,  # the user's call: SAFEConfig(...) or config.old_name = value
         )
         default = self.__dataclass_fields__[new].default
         current = self.__dict__.get(new, default)

@@ -230,7 +230,7 @@ class SAFEModel(BaseTuner):
         config = self.safe_config
         chosen = self._units()
         if units is not None:
-            names = set(resolve_units(self.adapter_units, units))
+            names = set(resolve_units([unit.name for unit in chosen], units))
             chosen = [unit for unit in chosen if unit.name in names]
         return compute_importance(self.model, chosen, probe_batches, config.probe_tokens, config.seed)
 
@@ -329,7 +329,7 @@ class SAFEModel(BaseTuner):
 
     @contextlib.contextmanager
     def without_backprop_cut(self) -> Iterator[None]:
-        """Run the block without SAFE's backprop cut, to measure what the cut saves (docs/qlora.md).
+        """Run the model without SAFE's backprop cut, to measure what the cut saves (docs/qlora.md).
 
         Inside, backprop below the lowest trainable block runs as it would without SAFE (an input-require-grads
         hook keeps the frozen blocks on the backward path); the cut returns on exit, under the freeze state then.
