@@ -21,34 +21,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import time
 import warnings
 
 import torch
-
-# bitsandbytes' 4-bit matmul is a custom op torch's FlopCounterMode has no formula for; without one the forward
-# FLOPs of every quantized layer would count as zero.
-_BNB_FORMULAS_REGISTERED = False
-
-
-def register_bitsandbytes_flop_formulas() -> None:
-    """Count ``bitsandbytes::gemm_4bit`` / ``gemv_4bit`` as the dense matmul they compute (2 * rows * in * out)."""
-    global _BNB_FORMULAS_REGISTERED
-    if _BNB_FORMULAS_REGISTERED:
-        return
-    from torch.utils import flop_counter
-
-    def formula(a_shape, b_shape, shape_b, *args, out_shape=None, **kwargs) -> int:
-        rows = math.prod(a_shape[:-1])
-        return 2 * rows * shape_b[0] * shape_b[1]
-
-    for name in ("gemm_4bit", "gemv_4bit"):
-        op = getattr(torch.ops.bitsandbytes, name, None)
-        if op is not None and op not in flop_counter.flop_registry and op.default not in flop_counter.flop_registry:
-            flop_counter.register_flop_formula(op)(formula)
-    _BNB_FORMULAS_REGISTERED = True
 
 
 def packed_blocks(tokenizer, lines: list[str], seq_len: int, max_blocks: int | None) -> torch.Tensor:
@@ -229,7 +206,6 @@ def main(argv: list[str] | None = None) -> None:
     import peft_safe  # noqa: F401  (registers the SAFE peft type)
     from peft_safe.assets import load_wikitext2, smollm2_path
 
-    register_bitsandbytes_flop_formulas()
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
     n_train = args.steps * args.batch_size + args.probe_blocks
     train = packed_blocks(tokenizer, load_wikitext2("train"), args.seq_len, None if args.full else n_train)

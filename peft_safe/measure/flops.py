@@ -4,14 +4,22 @@ torch has no formula for the CPU flash-attention kernels (``aten._scaled_dot_pro
 and its backward), which ``F.scaled_dot_product_attention`` dispatches to on CPU, so attention FLOPs would
 silently count as zero there. Importing this module registers formulas for them, built from torch's own
 ``sdpa_flop_count`` and ``sdpa_backward_flop_count`` (the helpers behind the CUDA flash and efficient
-kernels' formulas). :func:`flop_counter`, which makes every counter of this package, registers them first;
-nothing is registered on import. Registration is skipped for any kernel that already has a formula, so
-registering twice is harmless and a future torch that adds its own formula wins. That shim is the only
+kernels' formulas).
+
+bitsandbytes' 4-bit matmul kernel ``bitsandbytes::gemv_4bit`` (and ``gemm_4bit`` where a release has one) is a
+custom op with no formula either. Training steps do not reach it (bitsandbytes dequantizes and calls ``aten.mm``,
+which torch counts), but no-grad forwards do: a single row on GPUs, and every forward on CPUs with AVX512-BF16
+once the weights are repacked. It is counted as the dense matmul it computes, ``2 * rows * out * in``.
+
+:func:`flop_counter`, which makes every counter of this package, registers these formulas first; nothing is
+registered on import. Registration is skipped for any kernel that already has a formula, so registering twice is
+harmless and a future torch or bitsandbytes that adds its own formula wins. These shims are the only
 hand-written part.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -19,7 +27,7 @@ import torch
 from torch.utils import flop_counter as torch_flop_counter
 from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
-__all__ = ["flop_counter", "register_cpu_attention_flop_formulas"]
+__all__ = ["flop_counter", "register_bitsandbytes_flop_formulas", "register_cpu_attention_flop_formulas"]
 
 _aten = torch.ops.aten
 
@@ -49,6 +57,36 @@ def _cpu_attention_formulas() -> dict[Any, Callable[..., int]]:
     return formulas
 
 
+def _four_bit_matmul_flop(a_shape, b_shape, shape_b, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of ``gemv_4bit(A, B, shapeB, ...)``: ``A [..., in]`` times the dequantized ``[out, in]`` weight."""
+    return 2 * math.prod(a_shape[:-1]) * shape_b[0] * shape_b[1]
+
+
+def _bitsandbytes_formulas() -> dict[Any, Callable[..., int]]:
+    namespace = getattr(torch.ops, "bitsandbytes", None)
+    formulas: dict[Any, Callable[..., int]] = {}
+    for name in ("gemv_4bit", "gemm_4bit"):
+        try:
+            op = getattr(namespace, name) if namespace is not None else None
+        except (AttributeError, RuntimeError):  # an op this bitsandbytes release does not define
+            op = None
+        if op is not None:
+            formulas[op] = _four_bit_matmul_flop
+    return formulas
+
+
+def register_bitsandbytes_flop_formulas() -> list[str]:
+    """Register FLOP formulas for bitsandbytes' 4-bit matmul kernels (when bitsandbytes is imported).
+
+    Called by :func:`flop_counter`; calling it again does nothing. The ops exist once ``bitsandbytes`` is
+    imported, which loading a 4-bit model does; without it there is nothing to register.
+
+    Returns:
+        The names of the kernels registered by this call.
+    """
+    return _register(_bitsandbytes_formulas())
+
+
 def register_cpu_attention_flop_formulas() -> list[str]:
     """Register FLOP formulas for the CPU flash-attention kernels that have none yet.
 
@@ -59,8 +97,12 @@ def register_cpu_attention_flop_formulas() -> list[str]:
     Returns:
         The names of the kernels registered by this call (empty when all were registered already).
     """
+    return _register(_cpu_attention_formulas())
+
+
+def _register(formulas: dict[Any, Callable[..., int]]) -> list[str]:
     registered = []
-    for kernel, formula in _cpu_attention_formulas().items():
+    for kernel, formula in formulas.items():
         if kernel in torch_flop_counter.flop_registry:
             continue
         register_flop_formula(kernel)(formula)
@@ -75,4 +117,5 @@ def flop_counter() -> FlopCounterMode:
     it is, and only code that counts FLOPs (every counter of this package is made by this function) changes it.
     """
     register_cpu_attention_flop_formulas()
+    register_bitsandbytes_flop_formulas()
     return FlopCounterMode(display=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils import flop_counter as flop_counter_module
@@ -93,3 +94,61 @@ def test_registration_from_scratch_names_the_kernels(monkeypatch):
     monkeypatch.delitem(flop_counter_module.flop_registry, CPU_FLASH, raising=False)
     monkeypatch.delitem(flop_counter_module.flop_registry, CPU_FLASH_BACKWARD, raising=False)
     assert sorted(register_cpu_attention_flop_formulas()) == sorted([str(CPU_FLASH), str(CPU_FLASH_BACKWARD)])
+
+
+# ---------------------------------------------------------------------------------------------- bitsandbytes 4-bit
+def _four_bit_linear(weight: torch.Tensor, packed_for_cpu: bool):
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], bias=True, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+    layer = layer.to("cpu")  # quantizes
+    layer.support_avx512bf16_for_cpu = packed_for_cpu
+    return layer.eval()
+
+
+def _dense_flops(rows: int, weight: torch.Tensor, backward: bool = False) -> int:
+    dense = torch.nn.Linear(weight.shape[1], weight.shape[0])
+    dense.weight.requires_grad_(False)
+    dense.bias.requires_grad_(False)
+    x = torch.randn(rows, weight.shape[1], requires_grad=backward)
+    with flop_counter() as counter:
+        out = dense(x)
+        if backward:
+            out.sum().backward()
+    return counter.get_total_flops()
+
+
+def test_the_4bit_matmul_kernel_counts_as_the_dense_matmul_it_computes():
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnb_f
+
+    weight = torch.randn(64, 128)
+    packed, state = bnb_f.quantize_4bit(weight, quant_type="nf4")
+    for rows in (1, 5):
+        a = torch.randn(rows, 128)
+        with flop_counter() as counter:
+            torch.ops.bitsandbytes.gemv_4bit(a, packed, [64, 128], state.absmax, state.code, state.blocksize)
+        assert counter.get_total_flops() == 2 * rows * 64 * 128 == _dense_flops(rows, weight)
+
+
+def test_a_4bit_layer_counts_what_a_dense_layer_counts_in_training_and_in_no_grad_forwards(monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    from bitsandbytes.functional import has_avx512bf16
+
+    weight = torch.randn(64, 128)
+    layer = _four_bit_linear(weight, packed_for_cpu=False)
+    x = torch.randn(5, 128, requires_grad=True)
+    with flop_counter() as counter:  # a training step: dequantize, then aten's matmuls
+        layer(x).sum().backward()
+    assert counter.get_total_flops() == _dense_flops(5, weight, backward=True)
+    if not has_avx512bf16():
+        return  # the no-grad kernel below is the repacked CPU one; GPUs reach it for single rows only
+    packed = _four_bit_linear(weight, packed_for_cpu=True)
+    with torch.no_grad(), flop_counter() as counter:
+        packed(torch.randn(5, 128))
+    assert counter.get_total_flops() == _dense_flops(5, weight)
+    monkeypatch.delitem(flop_counter_module.flop_registry, torch.ops.bitsandbytes.gemv_4bit)
+    with torch.no_grad(), FlopCounterMode(display=False) as bare:
+        packed(torch.randn(5, 128))
+    assert bare.get_total_flops() == 0  # what torch alone counts: the formula is what makes it dense
