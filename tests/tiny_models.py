@@ -17,6 +17,9 @@ from transformers import BertConfig, BertForSequenceClassification
 
 VOCAB = 100
 MARKER = 7
+# The paper's freezing rule (SAFE's default before 0.2): every unit whose importance, divided by the top unit's,
+# is below the threshold freezes. Tests of that rule's exact decisions pin it.
+PAPER_RULE = {"freeze_order": "any", "importance_scale": "normalized"}
 SEQ = 12
 
 

@@ -12,7 +12,11 @@ import math
 
 import torch
 
-__all__ = ["CKAAccumulator", "importance_from_cka", "linear_cka"]
+__all__ = ["SCORING_SITES", "CKAAccumulator", "importance_from_cka", "linear_cka"]
+
+#: Where SAFE measures 1 - CKA (see peft_safe.safe.scoring): a block's output, its residual update, or each
+#: adapted layer's output, each with vs without the adapters.
+SCORING_SITES = ("block_output", "residual_update", "adapter_output")
 
 _FLOAT64_EPS = torch.finfo(torch.float64).eps
 

@@ -9,7 +9,15 @@ import math
 import numbers
 from dataclasses import dataclass
 
-from .schedule import DEFAULT_WARMUP_TOLERANCE, cubic_threshold, normalize_scores, units_below, warmup_converged
+from .schedule import (
+    DEFAULT_WARMUP_TOLERANCE,
+    FREEZE_ORDERS,
+    cubic_threshold,
+    normalize_scores,
+    prefix_below,
+    units_below,
+    warmup_converged,
+)
 from .state import FreezeState
 
 
@@ -40,7 +48,13 @@ class SchedulePolicy:
     warmup_tolerance: float | None = None
     warmup_floor: float = 0.0
     warmup_cap: float | None = None
-    importance_scale: str = "normalized"
+    importance_scale: str = "share"
+    freeze_order: str = "prefix"
+
+    def __post_init__(self) -> None:
+        if self.freeze_order not in FREEZE_ORDERS:
+            raise ValueError(f"unknown freeze order {self.freeze_order!r}; allowed: {', '.join(FREEZE_ORDERS)}")
+        normalize_scores({}, self.importance_scale)  # raises on an unknown scale
 
     def threshold(self, t: float, warmup_end: float | None) -> float:
         return cubic_threshold(t, warmup_end, self.final_freeze_time, self.tau)
@@ -71,6 +85,23 @@ class SchedulePolicy:
             if settled or capped:
                 state.warmup_end = t
         threshold = self.threshold(t, state.warmup_end)
-        if threshold <= 0.0:
-            return []
-        return units_below(normalize_scores(scores, self.importance_scale), threshold, state.frozen)
+        if threshold <= 0.0 or not any(score > 0 for score in scores.values()):
+            return []  # before the threshold rises, or scores that carry no information (adapters that do nothing)
+        return self.select(state, scores, threshold)
+
+    def select(self, state: FreezeState, scores: dict[str, float], threshold: float) -> list[str]:
+        """The units to freeze at ``threshold`` given this scoring's ``scores`` (of the trainable units).
+
+        On the "share" scale a unit's share is of the total over every unit, frozen ones at their last score (see
+        :attr:`FreezeState.last_known_scores`), so the share of what is frozen keeps counting; on the other scales
+        the scores of this scoring are scaled among themselves, as the paper does.
+        """
+        if self.importance_scale == "share":
+            scaled = normalize_scores(state.last_known_scores, "share")
+        else:
+            scaled = normalize_scores(scores, self.importance_scale)
+        if self.freeze_order == "any":
+            return units_below({u: s for u, s in scaled.items() if u in scores}, threshold, state.frozen)
+        order = state.units or list(scaled)
+        ordered = {u: scaled.get(u, 0.0) for u in order if u in scaled or u in state.frozen}
+        return prefix_below(ordered, threshold, state.frozen, cumulative=self.importance_scale == "share")

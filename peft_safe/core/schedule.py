@@ -12,8 +12,10 @@ __all__ = [
     "DEFAULT_WARMUP_TOLERANCE",
     "SCORE_SCALES",
     "WARMUP_RULES",
+    "FREEZE_ORDERS",
     "cubic_threshold",
     "normalize_scores",
+    "prefix_below",
     "units_below",
     "warmup_converged",
 ]
@@ -22,7 +24,10 @@ WARMUP_RULES = ("relative_norm", "per_unit")
 # relative_norm: above the 2-30 % jitter between scorings of settled scores, below the 50-90 % of their growth
 # (MiniLM + LoRA, docs/method.md); per_unit: the paper's 5 %.
 DEFAULT_WARMUP_TOLERANCE = {"relative_norm": 0.15, "per_unit": 0.05}
-SCORE_SCALES = ("raw", "normalized")
+SCORE_SCALES = ("raw", "normalized", "share")
+# any: every unit below the threshold freezes (the paper). prefix: the frozen set stays a bottom prefix of the
+# units, the only frozen set that shortens the backward pass (docs/method.md).
+FREEZE_ORDERS = ("any", "prefix")
 
 
 def cubic_threshold(t: float, t_w: float | None, t_f: float, tau: float) -> float:
@@ -127,8 +132,9 @@ def normalize_scores(scores: Mapping[str, float], scale: str) -> dict[str, float
 
     Args:
         scores: Importance per unit (>= 0).
-        scale: "raw" (unchanged copy) or "normalized" (divided by the largest score, so the most
-            important unit scores 1; all zeros stay zeros).
+        scale: "raw" (unchanged copy), "normalized" (divided by the largest score, so the most
+            important unit scores 1) or "share" (divided by the sum, so the scores sum to 1); all zeros stay
+            zeros.
 
     Returns:
         A new dict with the same keys, in the same order.
@@ -144,7 +150,7 @@ def normalize_scores(scores: Mapping[str, float], scale: str) -> dict[str, float
         raise ValueError(f"importance scores must be >= 0, got {negative}")
     if scale == "raw":
         return {u: float(s) for u, s in scores.items()}
-    top = max(scores.values(), default=0.0)
+    top = max(scores.values(), default=0.0) if scale == "normalized" else math.fsum(scores.values())
     if top == 0:
         return dict.fromkeys(scores, 0.0)
     return {u: float(s) / top for u, s in scores.items()}
@@ -163,3 +169,35 @@ def units_below(scores: Mapping[str, float], threshold: float, frozen: Collectio
     """
     frozen_set = set(frozen)
     return [u for u, s in scores.items() if u not in frozen_set and s < threshold]
+
+
+def prefix_below(
+    scores: Mapping[str, float], threshold: float, frozen: Collection[str] = (), cumulative: bool = False
+) -> list[str]:
+    """The units to freeze so that the frozen set stays a bottom prefix of the units.
+
+    Walks the units from the input side (the order of ``scores``): frozen units are passed over, and the walk
+    stops at the first unit not frozen that may not freeze, so no trainable unit is ever left below a frozen one.
+    A unit may freeze when its score is below ``threshold``, or, with ``cumulative``, when the scores of the
+    prefix up to and including it sum to less than ``threshold`` (on the "share" scale: the prefix holds less
+    than that fraction of the total importance).
+
+    Args:
+        scores: Importance per unit, every unit (frozen ones at their last score), input side first.
+        threshold: The threshold, on the scale of ``scores``.
+        frozen: Units already frozen; never returned.
+        cumulative: Compare the prefix's summed score, not each unit's own.
+
+    Returns:
+        Unit names, input side first.
+    """
+    frozen_set = set(frozen)
+    chosen, total = [], 0.0
+    for unit, score in scores.items():
+        total += score
+        if unit in frozen_set:
+            continue
+        if (total if cumulative else score) >= threshold:
+            break
+        chosen.append(unit)
+    return chosen

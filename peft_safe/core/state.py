@@ -52,7 +52,21 @@ class FreezeState:
 
     @property
     def latest_scores(self) -> dict[str, float]:
+        """The scores of the latest scoring: the units that were trainable then."""
         return dict(self.history[-1]["scores"]) if self.history else {}
+
+    @property
+    def last_known_scores(self) -> dict[str, float]:
+        """Every unit ever scored, at its latest score (a frozen unit keeps the score it had when last scored).
+
+        In the order of :attr:`units` (units of an older layout that are not in it come last).
+        """
+        latest: dict[str, float] = {}
+        for record in self.history:
+            latest.update(record["scores"])
+        ordered = {u: latest[u] for u in self.units if u in latest}
+        ordered.update({u: s for u, s in latest.items() if u not in ordered})
+        return ordered
 
     def to_dict(self) -> dict[str, Any]:
         return {

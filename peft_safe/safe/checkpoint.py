@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..core.state import FreezeState, parse_state_json
-from .config import RENAMED_FIELDS, SAFEConfig
+from .config import LEGACY_VALUES, RENAMED_FIELDS, SAFEConfig
 
 __all__ = ["FREEZE_STATE_KEY", "check_loadable", "decode_payload", "encode_payload"]
 
@@ -137,6 +137,8 @@ def _check_integrity(integrity: Any, config: SAFEConfig, state_dict: dict[str, t
     if isinstance(saved, dict):
         # checkpoints written before a field was renamed record it under its old name
         saved = {RENAMED_FIELDS.get(k, k): v for k, v in saved.items()}
+        # and before a field was added, under none: the value the code that wrote it behaved as
+        saved = {**LEGACY_VALUES, **saved}
     if saved is not None:
         diffs = _config_differences(saved, _config_fingerprint(config))
         if diffs:

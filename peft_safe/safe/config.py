@@ -16,13 +16,23 @@ from peft.config import PeftConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
 from .._peft_types import SAFE_PEFT_TYPE, SUPPORTED_ADAPTER_TYPES, peft_type_name
-from ..core.schedule import DEFAULT_WARMUP_TOLERANCE, SCORE_SCALES, WARMUP_RULES
+from ..core.cka import SCORING_SITES
+from ..core.policy import SchedulePolicy
+from ..core.schedule import DEFAULT_WARMUP_TOLERANCE, FREEZE_ORDERS, SCORE_SCALES, WARMUP_RULES
 
 SCHEDULE_UNITS = ("epoch", "step")
+
+# Fields added after checkpoints were first written, with the value that reproduces the behaviour of the code
+# that wrote them: a saved config without the field loads with this value, not with today's default.
+LEGACY_VALUES = {"scoring_site": "block_output", "freeze_order": "any"}
 
 # Fields renamed since 0.1.0: old name -> new name. Saved configs and the integrity records of checkpoints
 # written before the rename carry the old names; both load, the old names with a FutureWarning.
 RENAMED_FIELDS = {"final_freeze_epoch": "final_freeze_time", "max_warmup": "warmup_cap"}
+
+# Adapters whose change to their layer depends on the layer's input (W x -> (W + BA) x): the layer's own output
+# shows it. The others can shift it by a constant, which CKA (centred) cannot see.
+_MULTIPLICATIVE_ADAPTERS = ("LORA", "ADALORA")
 
 # PeftConfig fields that SAFEConfig and the wrapped adapter config both carry; kept equal on both.
 _MIRRORED_FIELDS = ("task_type", "inference_mode", "base_model_name_or_path", "revision")
@@ -44,8 +54,8 @@ class SAFEConfig(PeftConfig):
 
     SAFE wraps another adapter (LoRA, AdaLoRA, Houlsby, Pfeiffer, BitFit). The wrapped adapter is injected
     exactly as its own peft tuner would inject it; SAFE adds scoring of each transformer block's adapters
-    (``1 - CKA`` between the block's output with and without them), a warm-up stage, and freezing of the
-    least important blocks on a cubic threshold schedule.
+    (``1 - CKA`` between activations with and without them, at ``scoring_site``), a warm-up stage, and freezing
+    of the least important blocks on a cubic threshold schedule.
 
     Attributes of the wrapped config (``r``, ``target_modules``, ``modules_to_save``...) are readable and
     writable on the SAFEConfig itself, so peft code that expects a LoraConfig works unchanged.
@@ -66,7 +76,19 @@ class SAFEConfig(PeftConfig):
         warmup_floor: with ``"per_unit"``, scores below this absolute value never block the end of warm-up.
         warmup_cap: the latest time at which warm-up ends; ``None`` means half of ``final_freeze_time``. Called
             ``max_warmup`` before 0.2, a name still accepted (deprecated). :attr:`warmup_cap_value` resolves it.
-        importance_scale: ``"normalized"`` (scores divided by the largest unit's score) or ``"raw"``.
+        importance_scale: ``"share"`` (default: each unit's share of the total importance of all units, frozen
+            ones at their last score), ``"normalized"`` (divided by the largest unit's score, the 0.1 default) or
+            ``"raw"``.
+        scoring_site: where 1 - CKA is measured: ``"adapter_output"`` (each adapted layer's output with vs
+            without its adapter, averaged over the unit's layers), ``"block_output"`` (the block's output, the 0.1
+            behaviour) or ``"residual_update"`` (the block's output minus its input). ``"auto"`` (default):
+            ``"adapter_output"`` for LoRA and AdaLoRA, ``"block_output"`` for Houlsby, Pfeiffer and BitFit, whose
+            changes to their own layer's output can be constant shifts that CKA cannot see (a bias; a bottleneck
+            whose ReLUs are off), while the block after it sees them. :attr:`scoring_site_value` resolves it;
+            docs/method.md compares the sites on MiniLM and SmolLM2.
+        freeze_order: ``"prefix"`` (default: the frozen units are always a bottom prefix, the only frozen set that
+            cuts backprop; with the ``"share"`` scale the prefix freezes while it holds less than the threshold's
+            share of the total importance) or ``"any"`` (the paper's rule: every unit below the threshold).
         probe_tokens: token budget per unit for one CKA: real tokens are subsampled to at most this many.
         blocks_path: dotted path (from the base model) of the list of transformer blocks; found automatically
             when ``None``.
@@ -108,8 +130,17 @@ class SAFEConfig(PeftConfig):
     warmup_cap: float | None = field(
         default=None, metadata={"help": "Latest time at which warm-up ends; None: half of final_freeze_time."}
     )
-    importance_scale: Literal["normalized", "raw"] = field(
-        default="normalized", metadata={"help": "'normalized' (divided by the top unit's score) or 'raw'."}
+    importance_scale: Literal["share", "normalized", "raw"] = field(
+        default="share",
+        metadata={"help": "'share' (of the total importance), 'normalized' (divided by the top unit's) or 'raw'."},
+    )
+    scoring_site: Literal["auto", "adapter_output", "block_output", "residual_update"] = field(
+        default="auto",
+        metadata={"help": "Where 1 - CKA is measured: 'auto', 'adapter_output', 'block_output', 'residual_update'."},
+    )
+    freeze_order: Literal["prefix", "any"] = field(
+        default="prefix",
+        metadata={"help": "'prefix' (frozen units stay a bottom prefix) or 'any' (the paper's rule)."},
     )
     probe_tokens: int = field(default=4096, metadata={"help": "Token budget per unit for one CKA."})
     blocks_path: str | None = field(
@@ -211,6 +242,8 @@ class SAFEConfig(PeftConfig):
             ("warmup_rule", WARMUP_RULES),
             ("schedule_unit", SCHEDULE_UNITS),
             ("importance_scale", SCORE_SCALES),
+            ("scoring_site", ("auto", *SCORING_SITES)),
+            ("freeze_order", FREEZE_ORDERS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
@@ -223,11 +256,37 @@ class SAFEConfig(PeftConfig):
                 f"blocks_path must be a dotted module path such as 'encoder.layer', got {self.blocks_path!r}."
             )
 
+    @classmethod
+    def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
+        """Called by ``from_pretrained`` on a saved config: a field it lacks takes its :data:`LEGACY_VALUES`."""
+        kwargs = super().check_kwargs(**kwargs)
+        return {**LEGACY_VALUES, **kwargs}
+
     # ------------------------------------------------------------------ derived values
     @property
     def warmup_cap_value(self) -> float:
         """The latest time at which warm-up ends: ``warmup_cap``, or half of ``final_freeze_time`` when it is None."""
         return self.warmup_cap if self.warmup_cap is not None else self.final_freeze_time / 2
+
+    def schedule_policy(self) -> SchedulePolicy:
+        """The :class:`~peft_safe.core.policy.SchedulePolicy` of these hyper-parameters, defaults resolved."""
+        return SchedulePolicy(
+            tau=self.tau,
+            final_freeze_time=self.final_freeze_time,
+            warmup_rule=self.warmup_rule,
+            warmup_tolerance=self.warmup_tolerance_value,
+            warmup_floor=self.warmup_floor,
+            warmup_cap=self.warmup_cap_value,
+            importance_scale=self.importance_scale,
+            freeze_order=self.freeze_order,
+        )
+
+    @property
+    def scoring_site_value(self) -> str:
+        """The site scores are measured at: ``scoring_site``, with ``"auto"`` resolved by the wrapped adapter."""
+        if self.scoring_site != "auto":
+            return self.scoring_site
+        return "adapter_output" if self.adapter_peft_type in _MULTIPLICATIVE_ADAPTERS else "block_output"
 
     @property
     def warmup_tolerance_value(self) -> float:

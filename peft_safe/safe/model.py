@@ -189,27 +189,23 @@ class SAFEModel(BaseTuner):
 
     @property
     def raw_importance(self) -> dict[str, float]:
-        """Latest raw importance (1 - CKA) per unit; empty before the first scoring."""
-        return self.freeze_state.latest_scores
+        """Latest raw importance (1 - CKA) of every unit scored so far; empty before the first scoring.
+
+        Frozen units are not scored again: a frozen unit keeps the score it had when it was last scored (the one
+        it froze on), so the reason it froze stays visible.
+        """
+        return self.freeze_state.last_known_scores
 
     @property
     def importance(self) -> dict[str, float]:
-        """Latest importance per unit on the configured scale (what the threshold is compared with)."""
+        """:attr:`raw_importance` on the configured scale, over every unit (frozen ones at their last score)."""
         raw = self.raw_importance
         return normalize_scores(raw, self.safe_config.importance_scale) if raw else {}
 
     @property
     def schedule(self) -> SchedulePolicy:
-        config = self.safe_config
-        return SchedulePolicy(
-            tau=config.tau,
-            final_freeze_time=config.final_freeze_time,
-            warmup_rule=config.warmup_rule,
-            warmup_tolerance=config.warmup_tolerance_value,
-            warmup_floor=config.warmup_floor,
-            warmup_cap=config.warmup_cap_value,
-            importance_scale=config.importance_scale,
-        )
+        """The schedule of the config as it stands (:meth:`SAFEConfig.schedule_policy`)."""
+        return self.safe_config.schedule_policy()
 
     def threshold(self, t: float) -> float:
         """The freezing threshold T(t) of the schedule as it stands (0 during warm-up)."""
@@ -232,7 +228,9 @@ class SAFEModel(BaseTuner):
         if units is not None:
             names = set(resolve_units([unit.name for unit in chosen], units))
             chosen = [unit for unit in chosen if unit.name in names]
-        return compute_importance(self.model, chosen, probe_batches, config.probe_tokens, config.seed)
+        return compute_importance(
+            self.model, chosen, probe_batches, config.probe_tokens, config.seed, site=config.scoring_site_value
+        )
 
     def update_and_freeze(
         self, t: float, probe_batches: Iterable[Any], optimizer: torch.optim.Optimizer | None = None

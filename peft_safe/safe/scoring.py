@@ -1,8 +1,18 @@
-"""Importance scoring: 1 - CKA(block output with its adapters, same block without them).
+"""Importance scoring: 1 - CKA between activations with a unit's adapters and without them, at a chosen site.
 
-One forward pass per probe batch captures every unit's call (args, kwargs, output) with forward hooks;
-each unit is then rerun alone on exactly those args and kwargs with its adapters switched off. No second
-full forward is needed, and the model's modes, adapter switches and RNG are restored afterwards.
+Sites (:data:`SCORING_SITES`, ``SAFEConfig.scoring_site``):
+
+- ``"block_output"``: the block's output with vs without its adapters (the paper's Figure 1).
+- ``"residual_update"``: the block's update to the residual stream (output minus input), with vs without.
+- ``"adapter_output"``: each adapted layer's output with vs without its own adapter (the paper's section 4.1,
+  "the activation of a layer adapted with an adapter and that of the original layer"), averaged over the
+  unit's layers. In LLaMA-family decoders a few residual dimensions carry most of the block output's variance
+  (massive activations), which makes 1 - CKA of block outputs ~0 for most blocks; the adapted layers read the
+  normalised stream and do not see them (docs/method.md).
+
+One forward pass per probe batch captures what each site needs with forward hooks; the unit (or layer) is then
+rerun alone on exactly its args and kwargs with its adapters switched off. No second full forward is needed, and
+the model's modes, adapter switches and RNG are restored afterwards.
 """
 
 from __future__ import annotations
@@ -16,7 +26,7 @@ import torch
 from torch import nn
 
 from ..batch import call_model, to_device
-from ..core.cka import CKAAccumulator, importance_from_cka
+from ..core.cka import SCORING_SITES, CKAAccumulator, importance_from_cka
 from .units import AdapterUnit
 
 _MODEL_INPUT_NAMES = ("input_ids", "inputs_embeds", "pixel_values", "input_features", "input_values")
@@ -99,37 +109,72 @@ def _preserved_state(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _adapters_off(unit: AdapterUnit) -> Iterator[None]:
+def _adapters_off(layers: Iterable[Any]) -> Iterator[None]:
     # Flip the tuner layers' switch directly: `enable_adapters(True)` would set requires_grad=True on every
     # adapter parameter and so unfreeze frozen units.
-    saved = [layer._disable_adapters for layer in unit.layers]
+    layers = tuple(layers)
+    saved = [layer._disable_adapters for layer in layers]
     try:
-        for layer in unit.layers:
+        for layer in layers:
             layer._disable_adapters = True
         yield
     finally:
-        for layer, flag in zip(unit.layers, saved):
+        for layer, flag in zip(layers, saved):
             layer._disable_adapters = flag
 
 
+def _block_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    hidden = kwargs.get("hidden_states")
+    return hidden if isinstance(hidden, torch.Tensor) else None
+
+
+def _pair_at_site(site: str, args: tuple, kwargs: dict, output: Any, baseline: Any, name: str):
+    x, y = _first_tensor(output), _first_tensor(baseline)
+    if x is None or y is None:
+        raise TypeError(f"unit {name!r} returned no tensor; cannot score it.")
+    if site == "residual_update":
+        # A unit that is not a residual block (its output has another shape than its input, e.g. a lone
+        # pooler layer) is scored on its output.
+        h = _block_input(args, kwargs)
+        if h is not None and h.shape == x.shape and h.shape == y.shape:
+            x, y = x - h, y - h
+    return x, y
+
+
+def _mask_for(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    return mask if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]) else None
+
+
 def compute_importance(
-    model: nn.Module, units: list[AdapterUnit], probe_batches: Iterable[Any], max_tokens: int, seed: int = 0
+    model: nn.Module,
+    units: list[AdapterUnit],
+    probe_batches: Iterable[Any],
+    max_tokens: int,
+    seed: int = 0,
+    site: str = "block_output",
 ) -> dict[str, float]:
-    """Raw importance (1 - linear CKA) of each unit over the probe batches.
+    """Raw importance (1 - linear CKA) of each unit over the probe batches, at ``site``.
 
     Args:
         model: the model with adapters injected.
         units: the units to score.
         probe_batches: an iterable of batches (dicts of tensors for transformers models).
-        max_tokens: token budget per unit; real tokens beyond it are subsampled uniformly.
+        max_tokens: token budget per unit (per adapted layer at ``"adapter_output"``); real tokens beyond it are
+            subsampled uniformly.
         seed: seed of the subsampling (the global RNG is not touched).
+        site: one of :data:`SCORING_SITES` (see the module docstring).
 
     Returns:
         unit name -> importance in [0, 1].
 
     Raises:
-        ValueError: if the probe set is empty, a batch lacks the model's inputs, or adapters are merged.
+        ValueError: if the site is unknown, the probe set is empty, a batch lacks the model's inputs, or adapters
+            are merged.
     """
+    if site not in SCORING_SITES:
+        raise ValueError(f"unknown scoring site {site!r}; choose one of {SCORING_SITES}.")
     merged = [unit.name for unit in units if any(layer.merged for layer in unit.layers)]
     if merged:
         raise ValueError(f"cannot score units {merged} while their adapters are merged; call unmerge_adapter() first.")
@@ -137,9 +182,13 @@ def compute_importance(
     if not units:
         return {}
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    accumulators = {unit.name: CKAAccumulator(max_tokens=max_tokens, seed=seed + i) for i, unit in enumerate(units)}
+    per_layer = site == "adapter_output"
+    # one accumulator per unit, or per adapted layer of each unit at "adapter_output"
+    keys = [(u.name, j) for u in units for j in range(len(u.layers))] if per_layer else [(u.name, 0) for u in units]
+    accumulators = {key: CKAAccumulator(max_tokens=max_tokens, seed=seed + i) for i, key in enumerate(keys)}
     calls: dict[str, list[tuple[tuple, dict, Any]]] = {}
     recording = [False]  # off during the reruns, whose calls must not be captured again
+    current_mask: list[torch.Tensor | None] = [None]
 
     def recorder(name: str):
         def hook(module, args, kwargs, output):
@@ -148,14 +197,38 @@ def compute_importance(
 
         return hook
 
+    def layer_scorer(key: tuple[str, int], layer: Any):
+        # Scored at once: the layer's base output is cheap to recompute and its inputs need not be kept.
+        def hook(module, args, kwargs, output):
+            if not recording[0]:
+                return
+            recording[0] = False
+            try:
+                with _adapters_off([layer]):
+                    baseline = module(*args, **kwargs)
+            finally:
+                recording[0] = True
+            x, y = _pair_at_site(site, args, kwargs, output, baseline, key[0])
+            accumulators[key].update(x, y, _mask_for(current_mask[0], x))
+
+        return hook
+
     n_batches = 0
     with _preserved_state(model):
-        handles = [u.module.register_forward_hook(recorder(u.name), with_kwargs=True) for u in units]
+        if per_layer:
+            handles = [
+                layer.register_forward_hook(layer_scorer((u.name, j), layer), with_kwargs=True)
+                for u in units
+                for j, layer in enumerate(u.layers)
+            ]
+        else:
+            handles = [u.module.register_forward_hook(recorder(u.name), with_kwargs=True) for u in units]
         try:
             for batch in probe_batches:
                 _check_batch(model, batch)
                 batch = to_device(batch, device)
                 calls.clear()
+                current_mask[0] = batch.get("attention_mask") if isinstance(batch, Mapping) else None
                 recording[0] = True
                 try:
                     # use_cache=False: a forward whose blocks are rerun must not append to a KV cache
@@ -163,39 +236,35 @@ def compute_importance(
                 finally:
                     recording[0] = False
                 n_batches += 1
-                mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-                for unit in units:
+                for unit in units if not per_layer else ():
                     for args, kwargs, output in calls.get(unit.name, ()):
-                        with _adapters_off(unit):
+                        with _adapters_off(unit.layers):
                             baseline = unit.module(*args, **kwargs)
-                        x, y = _first_tensor(output), _first_tensor(baseline)
-                        if x is None or y is None:
-                            raise TypeError(f"unit {unit.name!r} returned no tensor; cannot score it.")
-                        unit_mask = mask if mask is not None and tuple(mask.shape) == tuple(x.shape[:-1]) else None
-                        accumulators[unit.name].update(x, y, unit_mask)
+                        x, y = _pair_at_site(site, args, kwargs, output, baseline, unit.name)
+                        accumulators[(unit.name, 0)].update(x, y, _mask_for(current_mask[0], x))
         finally:
             for handle in handles:
                 handle.remove()
             calls.clear()
     if n_batches == 0:
         raise ValueError("the probe set is empty; pass at least one batch to score importance.")
-    unused = [name for name, acc in accumulators.items() if acc.n_seen == 0]
+    unused = sorted({name for (name, _), acc in accumulators.items() if acc.n_seen == 0})
     if unused:
         raise ValueError(f"units {unused} were never called (or saw no real token) during the probe forward.")
-    single = {name: acc.n_seen for name, acc in accumulators.items() if acc.n_seen < 2}
+    single = {name: acc.n_seen for (name, _), acc in accumulators.items() if acc.n_seen < 2}
     if single:
         # CKA of one row is undefined (taken as 1, i.e. importance 0): every unit would look unimportant and freeze.
         raise ValueError(
             f"units {sorted(single)} saw a single real token over the whole probe set; CKA compares at least 2 "
             "tokens: give the probe set more tokens (longer or more sequences)."
         )
-    scores = {}
-    for name, acc in accumulators.items():
+    per_unit: dict[str, list[float]] = {}
+    for (name, _), acc in accumulators.items():
         x, y = acc.rows
         if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
             raise ValueError(
                 f"unit {name!r} produced inf or NaN activations on the probe batches (a {x.dtype} overflow, or NaN in "
                 "the model): its importance cannot be scored. Check the model's outputs, or score in bfloat16/float32."
             )
-        scores[name] = importance_from_cka(acc.value())
-    return scores
+        per_unit.setdefault(name, []).append(importance_from_cka(acc.value()))
+    return {name: sum(values) / len(values) for name, values in per_unit.items()}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny_models import SEQ, marker_examples, tiny_bert
+from tiny_models import PAPER_RULE, SEQ, marker_examples, tiny_bert
 from transformers import (
     Trainer,
     TrainerCallback,
@@ -54,7 +54,8 @@ def as_batches(rows: list[dict[str, torch.Tensor]], size: int) -> list[dict[str,
 def safe_model(seed: int = 0, **schedule):
     base = tiny_bert(LAYERS, seed)
     config = SAFEConfig(
-        adapter_config=LoraConfig(r=4, target_modules=["query", "value"]), task_type="SEQ_CLS", **schedule
+        adapter_config=LoraConfig(r=4, target_modules=["query", "value"]), task_type="SEQ_CLS",
+        **{**PAPER_RULE, "scoring_site": "block_output", **schedule},  # the scenarios were built on 0.1's scores
     )
     return get_peft_model(base, config)
 
@@ -157,14 +158,22 @@ def test_callback_scores_every_scoring_interval_steps_and_logs_it(step_run):
     assert [r["safe/t"] for r in records] == [2, 4, 6, 8, 10, 12]
     assert [r["step"] for r in records] == [2, 4, 6, 8, 10, 12]
     frozen_so_far: set[str] = set()
-    for record in records:
-        # frozen units never thaw, so only the units still trainable are scored (and logged)
-        scored = {k.removeprefix("safe/importance/") for k in record if k.startswith("safe/importance/")}
-        assert scored == set(UNITS) - frozen_so_far
-        assert all(0.0 <= record[f"safe/importance/{u}"] <= 1.0 for u in scored)
+    history = peft_model.base_model.freeze_state.history
+    assert len(history) == len(records)
+    for record, scoring in zip(records, history):
+        # every unit is logged; frozen units are not scored again and keep the score they froze on
+        logged = {k.removeprefix("safe/importance/") for k in record if k.startswith("safe/importance/")}
+        assert logged == set(UNITS)
+        assert set(scoring["scores"]) == set(UNITS) - frozen_so_far
+        assert all(0.0 <= record[f"safe/importance/{u}"] <= 1.0 for u in logged)
         # normalized scale: the most important unit scores exactly 1
-        assert max(record[f"safe/importance/{u}"] for u in scored) == pytest.approx(1.0)
+        assert max(record[f"safe/importance/{u}"] for u in logged) == pytest.approx(1.0)
         frozen_so_far |= {u for u in record["safe/newly_frozen"].split(",") if u}
+    assert frozen_so_far, "the run must freeze units for the test to see frozen ones logged"
+    last_raw = {}
+    for scoring in history:
+        last_raw.update(scoring["scores"])
+    assert peft_model.base_model.raw_importance == last_raw
     # the log carries what the tuner holds
     history = peft_model.base_model.freeze_state.history
     assert [h["t"] for h in history] == [2, 4, 6, 8, 10, 12]

@@ -229,7 +229,8 @@ def runs(draw):
         warmup_rule=draw(st.sampled_from(["relative_norm", "per_unit"])),
         warmup_tolerance=draw(st.floats(0.001, 0.5)),
         warmup_cap=draw(st.floats(0.1, 1)) * t_f,
-        importance_scale=draw(st.sampled_from(["normalized", "raw"])),
+        importance_scale=draw(st.sampled_from(["normalized", "raw", "share"])),
+        freeze_order=draw(st.sampled_from(["any", "prefix"])),
     )
     steps = draw(st.lists(st.floats(0, 3), min_size=1, max_size=8))
     times = [sum(steps[: i + 1]) for i in range(len(steps))]
@@ -248,12 +249,31 @@ def test_a_run_of_scorings_keeps_the_schedules_invariants(run):
         trainable = {u: s for u, s in scores.items() if u not in state.frozen}
         newly = policy.advance(state, t, trainable)
         threshold = policy.threshold(t, state.warmup_end)
-        scaled = normalize_scores(trainable, policy.importance_scale)
-        assert all(scaled[u] < threshold for u in newly)  # only units below the threshold freeze
+        if policy.importance_scale == "share":  # shares of the total, frozen units at their last score
+            scaled = normalize_scores(state.last_known_scores, "share")
+        else:
+            scaled = normalize_scores(trainable, policy.importance_scale)
         assert not set(newly) & set(frozen_before)  # frozen units are never reported again
-        assert {u for u, s in scaled.items() if s < threshold} == set(newly)
+        if not any(s > 0 for s in trainable.values()):
+            assert not newly  # scores without information freeze nothing
+        elif policy.freeze_order == "any":
+            assert {u for u in trainable if scaled[u] < threshold} == set(newly)  # exactly the units below it
         for u in newly:
             state.frozen[u] = t
+        if policy.freeze_order == "prefix":
+            # the frozen set is a bottom prefix: no trainable unit below a frozen one
+            flags = [u in state.frozen for u in units]
+            assert flags == sorted(flags, reverse=True)
+            above = next((u for u in units if u not in state.frozen), None)
+            if newly and policy.importance_scale == "share":
+                assert math.fsum(scaled.get(u, 0.0) for u in state.frozen) < threshold
+            elif newly:
+                assert all(scaled[u] < threshold for u in newly)
+            if newly and above is not None:  # and it is the longest such prefix
+                if policy.importance_scale == "share":
+                    assert math.fsum(scaled.get(u, 0.0) for u in [*state.frozen, above]) >= threshold
+                else:
+                    assert scaled[above] >= threshold
         assert state.frozen.items() >= frozen_before.items()  # nothing thaws, freezing times never change
         if warmup_before is not None:
             assert state.warmup_end == warmup_before  # the end of warm-up is found once

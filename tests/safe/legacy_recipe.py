@@ -12,6 +12,7 @@ checkpoints of that version hold.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import warnings
 
@@ -36,12 +37,19 @@ def base_model() -> BertForSequenceClassification:
     return BertForSequenceClassification(config).eval()
 
 
+# Defaults that changed after 0.1 (where importance is measured, which units may freeze, the score scale): the
+# recipe pins 0.1's behaviour, through fields that the code it runs on has.
+OLD_DEFAULTS = {"scoring_site": "block_output", "freeze_order": "any", "importance_scale": "normalized"}
+
+
 def safe_config() -> SAFEConfig:
+    fields = {f.name for f in dataclasses.fields(SAFEConfig)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # the old names, deprecated since
         return SAFEConfig(
             adapter_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"]),
             tau=0.6, final_freeze_epoch=4, max_warmup=2, schedule_unit="step", task_type="SEQ_CLS",
+            **{name: value for name, value in OLD_DEFAULTS.items() if name in fields},
         )
 
 

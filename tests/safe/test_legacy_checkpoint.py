@@ -68,3 +68,12 @@ def test_old_checkpoint_loads_frozen_and_trains_exactly_as_todays(todays_checkpo
     assert sorted(old_weights) == sorted(new_weights)
     for name in old_weights:
         assert torch.equal(old_weights[name], new_weights[name]), name
+
+
+def test_an_old_config_loads_with_the_behaviour_it_was_saved_with():
+    """Fields added since (the scoring site, the freeze order) load as the old code behaved, not as today's default."""
+    from peft_safe import SAFEConfig
+
+    config = SAFEConfig.from_pretrained(FIXTURE)
+    assert (config.scoring_site, config.freeze_order, config.importance_scale) == ("block_output", "any", "normalized")
+    assert SAFEConfig(adapter_config=config.adapter_config).freeze_order == "prefix"  # today's default, for contrast

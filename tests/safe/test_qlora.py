@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from tiny_models import PAPER_RULE
 from torch import nn
 
 from peft_safe import HoulsbyConfig, PfeifferConfig, SAFEConfig, SAFEModel
@@ -129,7 +130,8 @@ def adapter_config(adapter: str) -> object:
 def safe_model(base: nn.Module, adapter: str) -> PeftModel:
     torch.manual_seed(1)
     config = SAFEConfig(
-        adapter_config=adapter_config(adapter), tau=1.0, final_freeze_time=3, warmup_cap=1, task_type="CAUSAL_LM"
+        adapter_config=adapter_config(adapter), tau=1.0, final_freeze_time=3, warmup_cap=1, task_type="CAUSAL_LM",
+        **PAPER_RULE,
     )
     return get_peft_model(base, config)
 

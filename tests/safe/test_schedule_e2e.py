@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny_models import SEQ, marker_task, tiny_bert
+from tiny_models import PAPER_RULE, SEQ, marker_task, tiny_bert
 from transformers import BertForSequenceClassification
 
 import peft_safe  # noqa: F401  (registers the SAFE peft type)
@@ -46,7 +46,8 @@ def bert(layers: int, seed: int = 0) -> BertForSequenceClassification:
 
 def safe_bert(layers: int, seed: int = 0, **safe_kwargs):
     config = SAFEConfig(
-        adapter_config=LoraConfig(r=4, target_modules=["query", "value"]), task_type="SEQ_CLS", **safe_kwargs
+        adapter_config=LoraConfig(r=4, target_modules=["query", "value"]), task_type="SEQ_CLS",
+        **{**PAPER_RULE, **safe_kwargs},
     )
     return get_peft_model(bert(layers, seed), config)
 

@@ -16,6 +16,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from peft_safe import SAFEConfig
+from peft_safe.core.cka import SCORING_SITES
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
@@ -145,7 +146,7 @@ def test_compute_importance_gives_one_score_per_unit_in_unit_interval(tiny, arch
 
 
 def test_update_and_freeze_records_scores_and_normalised_importance(tiny):
-    safe = tiny.safe("bert", layers=3).base_model
+    safe = tiny.safe("bert", layers=3, importance_scale="normalized").base_model
     batches = [tiny.batch(seed=1)]
     expected = safe.compute_importance(batches)
     safe.update_and_freeze(0, batches)
@@ -156,9 +157,10 @@ def test_update_and_freeze_records_scores_and_normalised_importance(tiny):
     assert [entry["t"] for entry in safe.freeze_state.history] == [0]
 
 
+@pytest.mark.parametrize("site", SCORING_SITES)
 @pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
-def test_zero_adapters_score_zero_and_a_perturbed_unit_scores_above_zero(tiny, arch):
-    model = tiny.safe(arch, layers=3, lora=tiny.lora(arch, init_lora_weights=True))  # B = 0: no effect
+def test_zero_adapters_score_zero_and_a_perturbed_unit_scores_above_zero(tiny, arch, site):
+    model = tiny.safe(arch, layers=3, lora=tiny.lora(arch, init_lora_weights=True), scoring_site=site)  # B = 0
     safe = model.base_model
     batches = [tiny.batch(batch=2, seq=10, seed=4)]
     assert all(v < 1e-9 for v in safe.compute_importance(batches).values())
@@ -195,7 +197,7 @@ def _linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def test_importance_matches_one_minus_linear_cka_of_block_output_with_and_without_adapters(tiny):
-    model = tiny.safe("bert", layers=3, lora=tiny.lora("bert", init_lora_weights=True))
+    model = tiny.safe("bert", layers=3, lora=tiny.lora("bert", init_lora_weights=True), scoring_site="block_output")
     last = model.base_model.adapter_units[-1]
     perturb_unit(tiny, model, last)
     batch = tiny.batch(batch=3, seq=9, seed=6)
