@@ -52,7 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64, help="tokens per example (wikitext2: per block)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (AdaLoRA's target rank)")
+    p.add_argument("--target-modules", help="LoRA's target modules, comma-separated, or all-linear (default: peft's "
+                                            "for the model type; all-linear for a causal LM, as QLoRA trains it)")
+    p.add_argument("--bits", type=int, choices=(32, 4), default=None,
+                   help="base weights: 32 (float32) or 4 (bitsandbytes NF4 with prepare_model_for_kbit_training, "
+                        "QLoRA); default 4 for wikitext2, 32 otherwise")
+    p.add_argument("--checkpointing", choices=("none", "reentrant", "non-reentrant"), default="none",
+                   help="gradient checkpointing of every block, in both runs")
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr-schedule", choices=("constant", "linear"), default=None,
+                   help="constant, or linear decay to 0 (the paper's LinearLR); default linear for wikitext2, "
+                        "constant otherwise")
     p.add_argument("--tau", type=float, default=0.3)
     p.add_argument("--final-freeze-fraction", type=float, default=0.4,
                    help="t_f as a fraction of the run's optimizer steps")
@@ -63,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="warm-up ends at the latest at this fraction of the run (default: 0.35, or half of t_f "
                         "when t_f comes earlier)")
     p.add_argument("--score-every", type=int, default=20, help="SAFE scoring interval in optimizer steps")
+    p.add_argument("--scoring-site", choices=("auto", "adapter_output", "block_output", "residual_update"),
+                   help="where SAFE measures importance (default: SAFEConfig's, auto)")
+    p.add_argument("--freeze-order", choices=("prefix", "any"), help="SAFE's freeze order (default: SAFEConfig's)")
+    p.add_argument("--importance-scale", choices=("share", "normalized", "raw"),
+                   help="the scale SAFE's threshold applies to (default: SAFEConfig's)")
     p.add_argument("--measure-every", type=int, default=5, help="measure memory every N steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="write config, per-seed results, memory series and importance history here")
@@ -102,6 +117,11 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"unknown adapter {unknown[0] if unknown else args.adapters!r} in --adapters; "
                      f"choose from {','.join(ADAPTERS)}.")
     args.adapters = list(dict.fromkeys(adapters))
+    decoder = args.task == "wikitext2"
+    if args.bits is None:
+        args.bits = 4 if decoder else 32
+    if args.lr_schedule is None:
+        args.lr_schedule = "linear" if decoder else "constant"
     if args.task not in TASKS:
         if not args.task.lower().endswith((".csv", ".json", ".jsonl")):
             parser.error(f"--task must be one of {', '.join(TASKS)} or a .csv/.json/.jsonl file, got {args.task!r}.")

@@ -110,7 +110,8 @@ def format_table(results: list[dict[str, Any]], summary: dict[str, dict[str, Any
         if r["safe"]:
             frozen = ", ".join(f"{short_unit(u)}@{_fmt_t(t)}" for u, t in r["freeze_steps"].items())
             lines.append(f"seed {r['seed']} {r['adapter']}+SAFE: froze {len(r['frozen_units'])}/{len(r['units'])} "
-                         f"units (unit@step: {frozen or 'none'}); warm-up ended at step {_fmt_t(r['warmup_end'])}")
+                         f"units (unit@step: {frozen or 'none'}); warm-up ended at step {_fmt_t(r['warmup_end'])}"
+                         + (f"; backprop cut at {short_unit(r['cut_block'])}" if r.get("cut_block") else ""))
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ import argparse
 import logging
 import math
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -50,7 +51,8 @@ def adapter_config(name: str, args: argparse.Namespace, total_steps: int, task_t
     from peft import AdaLoraConfig, LoraConfig
 
     if name == "lora":
-        return LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.1, task_type=task_type)
+        return LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.1, task_type=task_type,
+                          target_modules=target_modules(args, task_type))
     if name == "adalora":
         # AdaLoRA prunes from init_r towards target_r between tinit and total_step - tfinal
         return AdaLoraConfig(init_r=max(args.rank + 4, args.rank * 3 // 2), target_r=args.rank,
@@ -63,6 +65,15 @@ def adapter_config(name: str, args: argparse.Namespace, total_steps: int, task_t
     if name == "bitfit":
         return BitFitConfig(task_type=task_type)
     raise ValueError(f"unknown adapter {name!r}; choose from {', '.join(ADAPTERS)}.")
+
+
+def target_modules(args: argparse.Namespace, task_type: str) -> str | list[str] | None:
+    """``--target-modules`` as peft takes it; by default peft's targets, or every projection of a causal LM
+    (``"all-linear"``: attention and MLP, not the output head), as QLoRA users train it."""
+    flag = getattr(args, "target_modules", None)
+    if flag is None:
+        return "all-linear" if task_type == "CAUSAL_LM" else None
+    return flag if flag == "all-linear" else [name.strip() for name in flag.split(",") if name.strip()]
 
 
 def safe_config(adapter: Any, args: argparse.Namespace, total_steps: int, task_type: str) -> SAFEConfig:
@@ -83,10 +94,13 @@ def safe_config(adapter: Any, args: argparse.Namespace, total_steps: int, task_t
     cap = total_steps * fraction
     if cap >= final:  # t_f before the default cap, or t_f rounded to whole steps (at least 2) in a very short run
         cap = final / 2
+    # SAFEConfig's defaults unless a flag names another choice
+    choices = {name: getattr(args, name, None) for name in ("scoring_site", "freeze_order", "importance_scale")}
     try:
         return SAFEConfig(adapter_config=adapter, tau=args.tau, schedule_unit="step", final_freeze_time=final,
                           scoring_interval=args.score_every, warmup_tolerance=args.warmup_tolerance,
-                          warmup_cap=cap, task_type=task_type)
+                          warmup_cap=cap, task_type=task_type,
+                          **{name: value for name, value in choices.items() if value is not None})
     except ValueError as error:
         raise BenchInputError(
             f"the SAFE schedule is invalid for this run ({total_steps} steps, t_f = {final} steps from "
@@ -96,7 +110,7 @@ def safe_config(adapter: Any, args: argparse.Namespace, total_steps: int, task_t
         ) from error
 
 
-def _build_model(task: Task, adapter: str, use_safe: bool, args: argparse.Namespace, seed: int,
+def build_model(task: Task, adapter: str, use_safe: bool, args: argparse.Namespace, seed: int,
                  total_steps: int) -> nn.Module:
     """The task's model with ``adapter`` (under SAFE if ``use_safe``), seeded, on ``--device``."""
     from peft import get_peft_model
@@ -109,20 +123,62 @@ def _build_model(task: Task, adapter: str, use_safe: bool, args: argparse.Namesp
     hf_logging.disable_progress_bar()
     try:
         torch.manual_seed(seed)  # same head and adapter initialisation with and without SAFE
+        kwargs = {"quantization_config": _four_bit(args)} if getattr(args, "bits", 32) == 4 else {}
         if task.kind == "classification":
-            base = AutoModelForSequenceClassification.from_pretrained(task.model_path, num_labels=task.num_labels)
+            base = AutoModelForSequenceClassification.from_pretrained(task.model_path, num_labels=task.num_labels,
+                                                                      **kwargs)
         else:
-            base = AutoModelForCausalLM.from_pretrained(task.model_path, dtype=torch.float32)
+            base = AutoModelForCausalLM.from_pretrained(task.model_path, dtype=torch.float32, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
     if getattr(base.config, "pad_token_id", None) is None and task.kind == "classification":
         base.config.pad_token_id = 0
+    base = _prepare_for_training(base, args)
     config = adapter_config(adapter, args, total_steps, task_type)
     if use_safe:
         config = safe_config(config, args, total_steps, task_type)
     return get_peft_model(base, config).to(args.device)
+
+
+def _four_bit(args: argparse.Namespace) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    # QLoRA's base: NF4 weights, computing in float32 (the CPU's dtype; bfloat16 is the usual GPU choice)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+
+
+def _prepare_for_training(base: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """A 4-bit base as QLoRA users prepare it (peft's ``prepare_model_for_kbit_training``), and ``--checkpointing``."""
+    checkpointing = getattr(args, "checkpointing", "none")
+    kwargs = {"use_reentrant": checkpointing == "reentrant"}
+    if getattr(args, "bits", 32) == 4:
+        from bitsandbytes.nn import Linear4bit
+        from peft import prepare_model_for_kbit_training
+
+        for module in base.modules():
+            if isinstance(module, Linear4bit):
+                # bitsandbytes repacks 4-bit weights for AVX512-BF16 CPUs on their first no-grad forward (SAFE's
+                # scoring, or an evaluation), and from then on computes in other numbers: both runs keep one kernel.
+                module.support_avx512bf16_for_cpu = False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=checkpointing != "none",
+                                                   gradient_checkpointing_kwargs=kwargs)
+    elif checkpointing != "none":
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        base.enable_input_require_grads()
+    if hasattr(base.config, "use_cache"):
+        base.config.use_cache = False
+    return base
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, total_steps: int) -> Any:
+    """``--lr-schedule``: ``constant``, or ``linear`` decay to 0 over the run (the paper's LinearLR, no warm-up)."""
+    if getattr(args, "lr_schedule", "constant") == "linear":
+        return torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0, end_factor=0.0, total_iters=total_steps)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- one run
@@ -151,10 +207,11 @@ def run_one(task: Task, adapter: str, use_safe: bool, args: argparse.Namespace,
     from tqdm.auto import tqdm
 
     total_steps = total_steps_of(task, args)
-    model = _build_model(task, adapter, use_safe, args, seed, total_steps)
+    model = build_model(task, adapter, use_safe, args, seed, total_steps)
     tuner = model.base_model
     safe = tuner if use_safe else None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    scheduler = lr_scheduler(optimizer, args, total_steps)
     meter = TrainingMeter(model, optimizer, measure_every=args.measure_every, flops="cached")
     generator = torch.Generator().manual_seed(seed)
     probe = list(iter_batches(task.probe, args.batch_size, device=args.device))
@@ -173,6 +230,8 @@ def run_one(task: Task, adapter: str, use_safe: bool, args: argparse.Namespace,
                     loss = model(**batch).loss
                     loss.backward()
                     optimizer.step()
+                    if scheduler is not None:
+                        scheduler.step()
                     if isinstance(tuner, AdaLoraModel):
                         tuner.update_and_allocate(step)  # SAFE's skips frozen units
                     optimizer.zero_grad(set_to_none=True)
@@ -201,6 +260,7 @@ def run_one(task: Task, adapter: str, use_safe: bool, args: argparse.Namespace,
         "frozen_units": safe.frozen_units if safe else [],
         "freeze_steps": dict(safe.freeze_state.frozen) if safe else {},
         "warmup_end": safe.freeze_state.warmup_end if safe else None,
+        "cut_block": safe.backprop_cut_block if safe else None,
         "importance_history": [dict(h) for h in safe.freeze_state.history] if safe else [],
         "memory_series": [r.to_dict() for r in meter.measured],
     }
