@@ -27,6 +27,8 @@ METRICS = (
     ("peak_cuda_max_memory_allocated", "peak CUDA memory (MiB)",
      lambda r: r["memory"]["peak_cuda_max_memory_allocated"], 1 / MIB, "{:.1f}"),
     ("total_flops", "FLOPs (TFLOP)", lambda r: r["total_flops"], 1e-12, "{:.4g}"),
+    ("last_step_flops", "FLOPs of the last step (GFLOP)",
+     lambda r: r["memory_series"][-1].get("flops") if r["memory_series"] else None, 1e-9, "{:.4g}"),
     ("train_time_s", "train time (s)", lambda r: r["train_time_s"], 1, "{:.1f}"),
     ("step_time_s", "step time, no meters (ms)", lambda r: r["step_time_s"], 1e3, "{:.1f}"),
     ("total_time_s", "train + SAFE scoring (s)", lambda r: r["total_time_s"], 1, "{:.1f}"),
