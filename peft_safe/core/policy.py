@@ -94,14 +94,22 @@ class SchedulePolicy:
 
         On the "share" scale a unit's share is of the total over every unit, frozen ones at their last score (see
         :attr:`FreezeState.last_known_scores`), so the share of what is frozen keeps counting; on the other scales
-        the scores of this scoring are scaled among themselves, as the paper does.
+        the scores of this scoring are scaled among themselves, as the paper does. At least one unit stays
+        trainable: when every trainable unit lies under the threshold, the top one (``"any"``) or the highest of
+        the prefix (``"prefix"``) is kept.
         """
         if self.importance_scale == "share":
             scaled = normalize_scores(state.last_known_scores, "share")
         else:
             scaled = normalize_scores(scores, self.importance_scale)
         if self.freeze_order == "any":
-            return units_below({u: s for u, s in scaled.items() if u in scores}, threshold, state.frozen)
-        order = state.units or list(scaled)
-        ordered = {u: scaled.get(u, 0.0) for u in order if u in scaled or u in state.frozen}
-        return prefix_below(ordered, threshold, state.frozen, cumulative=self.importance_scale == "share")
+            chosen = units_below({u: s for u, s in scaled.items() if u in scores}, threshold, state.frozen)
+            keep = max(scores, key=scores.get) if scores else None  # the top unit
+        else:
+            order = state.units or list(scaled)
+            ordered = {u: scaled.get(u, 0.0) for u in order if u in scaled or u in state.frozen}
+            chosen = prefix_below(ordered, threshold, state.frozen, cumulative=self.importance_scale == "share")
+            keep = chosen[-1] if chosen else None  # the highest of the prefix, so it stays a prefix
+        if len(chosen) == len(scores):  # every trainable unit under T (raw scores, or a few even shares)
+            chosen = [u for u in chosen if u != keep]
+        return chosen

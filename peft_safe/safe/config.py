@@ -62,7 +62,9 @@ class SAFEConfig(PeftConfig):
 
     Args:
         adapter_config: the wrapped adapter's config (``LoraConfig(...)``) or its dict form.
-        tau: final freezing threshold, in (0, 1]. Units whose importance is below the threshold freeze.
+        tau: final freezing threshold, in (0, 1]. With the defaults, the bottom units freeze while together they
+            hold less than the threshold's share of the total importance; with ``freeze_order="any"``, every unit
+            whose importance is below the threshold freezes.
         final_freeze_time: t_f, the time (in ``schedule_unit``: epochs or optimizer steps) at which the threshold
             reaches ``tau``. Called ``final_freeze_epoch`` before 0.2, a name still accepted (deprecated).
         schedule_unit: ``"epoch"`` or ``"step"`` (optimizer steps); the unit of every time below.

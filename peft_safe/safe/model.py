@@ -255,7 +255,7 @@ class SAFEModel(BaseTuner):
         check_scoring_time(t, self.freeze_state.last_scored)
         check_optimizer(optimizer)
         # Frozen units never thaw, so they are not rerun: scoring costs one probe forward plus one block rerun
-        # per trainable unit. The top unit, which normalised scores divide by, is never frozen for tau <= 1.
+        # per trainable unit. The schedule never freezes the last trainable unit (see SchedulePolicy.select).
         trainable = [name for name in self.adapter_units if name not in self.freeze_state.frozen]
         scores = self.compute_importance(probe_batches, units=trainable) if trainable else {}
         scores = agree_on_scores(scores, t)
