@@ -9,6 +9,7 @@ outside any block (and every layer of a model with no block list) form one unit 
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -112,17 +113,31 @@ def unit_parameters(unit: AdapterUnit, adapter_name: str) -> list[nn.Parameter]:
     return params
 
 
+def as_index(value: object) -> int | None:
+    """``value`` as a plain int if it is an integer of any library (``np.int64(1)``, ``torch.tensor(1)``)."""
+    if isinstance(value, (bool, str, bytes)) or type(value).__name__ in ("bool", "bool_"):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
 def resolve_units(available: list[str], units: Sequence[str | int] | str | int) -> list[str]:
     """Unit names for ``units``, given as names or indices into ``available`` (negative ones from the end).
+
+    Each unit is named once, in the order first given: ``[0, "layer.0", 0]`` is one unit.
 
     Raises:
         ValueError: for an unknown name or an index out of range, listing the units.
     """
-    if isinstance(units, (str, int)):
+    if isinstance(units, str) or as_index(units) is not None:
         units = [units]
     names = []
     for unit in units:
-        if isinstance(unit, int) and not isinstance(unit, bool):
+        index = as_index(unit)
+        if index is not None:
+            unit = index
             if not -len(available) <= unit < len(available):
                 raise ValueError(f"unit index {unit} is out of range; the model has {len(available)} units.")
             names.append(available[unit])
@@ -130,7 +145,22 @@ def resolve_units(available: list[str], units: Sequence[str | int] | str | int) 
             names.append(unit)
         else:
             raise ValueError(f"unknown adapter unit {unit!r}; the units are {available}.")
-    return names
+    return list(dict.fromkeys(names))
+
+
+def require_units(units: list[AdapterUnit], expected: list[str], adapter_name: str, action: str) -> None:
+    """Refuse to ``action`` when the adapter's layers are gone from the model (``merge_and_unload()``, ``unload()``).
+
+    Raises:
+        ValueError: saying that the adapters are gone and what to do instead.
+    """
+    if expected and not units:
+        raise ValueError(
+            f"cannot {action}: the layers of SAFE adapter {adapter_name!r} are no longer in the model "
+            f"(merge_and_unload() or unload() removed them; the model they returned is the plain base model). "
+            "Nothing was changed or written. To go on with SAFE, load the adapter again "
+            "(PeftModel.from_pretrained) or build a new model with get_peft_model."
+        )
 
 
 def leaf_layer_names(model: nn.Module) -> list[str]:
