@@ -43,15 +43,15 @@ SEALED_FROM_VERSION = 2
 
 def encode_payload(state: FreezeState, config: SAFEConfig, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """The uint8 tensor that stores ``state`` beside ``tensors``, with the integrity record of both."""
-    record = seal({**state.to_dict(), "format_version": FORMAT_VERSION, "integrity": _integrity_record(config, tensors)})
+    record = {**state.to_dict(), "format_version": FORMAT_VERSION, "integrity": _integrity_record(config, tensors)}
+    record = seal(record)
     payload = json.dumps(record, sort_keys=True, allow_nan=False).encode("utf-8")
     return torch.frombuffer(bytearray(payload), dtype=torch.uint8).clone()
 
 
 def seal(record: dict[str, Any]) -> dict[str, Any]:
     """``record`` with ``integrity.state_sha256`` set to the digest of everything else in it."""
-    record = {**record, "integrity": {**record["integrity"], "state_sha256": _record_digest(record)}}
-    return record
+    return {**record, "integrity": {**record["integrity"], "state_sha256": _record_digest(record)}}
 
 
 def _record_digest(record: dict[str, Any]) -> str:

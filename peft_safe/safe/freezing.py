@@ -22,7 +22,23 @@ from ..core.state import FreezeState
 from .optimizer import drop_from_optimizer
 from .units import unit_parameters
 
-__all__ = ["FrozenUnitsMixin"]
+__all__ = ["FrozenUnitsMixin", "check_something_trains"]
+
+
+def check_something_trains(model: nn.Module, leaving: list[nn.Parameter]) -> None:
+    """Refuse to freeze ``leaving`` when they are the last parameters of ``model`` that train.
+
+    Raises:
+        ValueError: saying why (the next backward would fail) and what to do instead.
+    """
+    ids = {id(param) for param in leaving}
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    if trainable and all(id(param) in ids for param in trainable):
+        raise ValueError(
+            "freezing these units would leave no parameter of the model trainable, and the next backward would "
+            "fail with 'element 0 of tensors does not require grad'. Keep at least one unit trainable (SAFE's "
+            "schedule always does), or end training instead of freezing the rest. Nothing was frozen."
+        )
 
 
 class FrozenUnitsMixin:

@@ -33,7 +33,7 @@ from .adalora import allocate_trainable_ranks
 from .checkpoint import FREEZE_STATE_KEY, check_loadable, decode_payload, encode_payload
 from .config import SAFEConfig
 from .distributed import agree_on_scores
-from .freezing import FrozenUnitsMixin
+from .freezing import FrozenUnitsMixin, check_something_trains
 from .optimizer import check_optimizer
 from .scoring import compute_importance
 from .truncation import BackpropCut
@@ -44,6 +44,7 @@ from .units import (
     leaf_layer_names,
     require_units,
     resolve_units,
+    unit_parameters,
 )
 
 __all__ = ["SAFEModel", "find_safe_model"]
@@ -155,8 +156,14 @@ class SAFEModel(FrozenUnitsMixin, BaseTuner):
             self._new_freeze_state(adapter_name)
 
     def _new_freeze_state(self, adapter_name: str) -> None:
+        self._freeze_states[adapter_name] = self._fresh_state(adapter_name)
+
+    def _new_freeze_state_replacing(self, adapter_name: str) -> None:
+        self._replace_freeze_state(adapter_name, self._fresh_state(adapter_name))
+
+    def _fresh_state(self, adapter_name: str) -> FreezeState:
         config = self.peft_config[adapter_name]
-        self._freeze_states[adapter_name] = FreezeState(
+        return FreezeState(
             units=[u.name for u in self._units(adapter_name)],
             adapter_type=config.adapter_peft_type,
             schedule_unit=config.schedule_unit,
@@ -283,6 +290,17 @@ class SAFEModel(FrozenUnitsMixin, BaseTuner):
         logger.info("SAFE t=%s threshold=%.4f newly frozen=%s", t, self.threshold(t), newly)
         return newly
 
+    def restart_schedule(self) -> None:
+        """Start SAFE's schedule again from t=0: history, warm-up end and scoring time cleared, every unit thawed.
+
+        For a new ``train()`` on a loaded SAFE adapter that should be scored and frozen again (a plain new
+        ``Trainer`` starts at t=0, which lies before the adapter's last scoring, so it would never score). Call it
+        before the optimizer is built, so the thawed units' parameters are in it. To continue the saved run
+        instead, resume it (``trainer.train(resume_from_checkpoint=...)``).
+        """
+        self._live_units("restart the schedule")
+        self._new_freeze_state_replacing(self.safe_adapter_name)
+
     def freeze(
         self, units: Sequence[str | int], optimizer: torch.optim.Optimizer | None = None, at: float | None = None
     ) -> list[str]:
@@ -307,9 +325,12 @@ class SAFEModel(FrozenUnitsMixin, BaseTuner):
         check_optimizer(optimizer)
         if at is not None:  # it is saved with the checkpoint, as a scoring time is
             at = check_time(at, "freeze time at")
-        names = resolve_units([unit.name for unit in self._live_units("freeze units")], units)
+        live = self._live_units("freeze units")
+        names = resolve_units([unit.name for unit in live], units)
         state = self.freeze_state
         newly = [name for name in names if name not in state.frozen]
+        leaving = [p for unit in live if unit.name in newly for p in unit_parameters(unit, self.safe_adapter_name)]
+        check_something_trains(self.model, leaving)
         for name in newly:
             state.frozen[name] = at if at is not None else state.last_scored
         self._apply_freeze_state(optimizer)

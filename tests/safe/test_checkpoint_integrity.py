@@ -340,7 +340,7 @@ def test_random_bit_flips_in_the_freeze_state_never_load(saved):
     units = safe.adapter_units
     decode_payload(payload, config, tensors, units)  # the intact payload loads
     generator = torch.Generator().manual_seed(13)
-    for trial in range(200):
+    for _ in range(200):
         position = int(torch.randint(0, payload.numel(), (1,), generator=generator))
         bit = int(torch.randint(0, 8, (1,), generator=generator))
         damaged = payload.clone()
