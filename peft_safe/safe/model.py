@@ -280,11 +280,12 @@ class SAFEModel(FrozenUnitsMixin, BaseTuner):
         self.safe_config._validate()
         # Frozen units never thaw, so they are not rerun: scoring costs one probe forward plus one block rerun
         # per trainable unit. The schedule never freezes the last trainable unit (see SchedulePolicy.select).
-        units = [unit.name for unit in self._live_units("score and freeze units")]
-        trainable = [name for name in units if name not in self.freeze_state.frozen]
+        # Units outside the block lists are not candidates (see safe/units.py): never scored, never frozen here.
+        candidates = [unit.name for unit in self._live_units("score and freeze units") if unit.candidate]
+        trainable = [name for name in candidates if name not in self.freeze_state.frozen]
         scores = self.compute_importance(probe_batches, units=trainable) if trainable else {}
         scores = agree_on_scores(scores, t)
-        newly = self.schedule.advance(self.freeze_state, t, scores)
+        newly = [u for u in self.schedule.advance(self.freeze_state, t, scores) if u in candidates]
         if newly:
             self.freeze(newly, optimizer=optimizer, at=t)
         logger.info("SAFE t=%s threshold=%.4f newly frozen=%s", t, self.threshold(t), newly)

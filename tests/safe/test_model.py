@@ -543,3 +543,67 @@ def test_deepcopy_gives_an_independent_safe_model(tiny):
     assert model.base_model.frozen_units == ["model.layers.0", "model.layers.1"]
     assert model.base_model.backprop_cut_block == "model.layers.2"
     assert clone.base_model.backprop_cut_block == "model.layers.3"
+
+
+# ---------------------------------------------------------------------------------------------- issue 13.8, 13.9
+def test_units_outside_the_blocks_are_never_scored_nor_frozen_by_the_schedule(tiny):
+    # issue 13.8: BitFit's embeddings.LayerNorm and pooler.dense units scored 0 (CKA cannot see a bias shift)
+    # and froze first, even though the pooler feeds the classifier.
+    from peft_safe import BitFitConfig
+
+    model = get_peft_model(tiny.bert(layers=3), SAFEConfig(
+        adapter_config=BitFitConfig(task_type="SEQ_CLS"), task_type="SEQ_CLS", tau=1.0, final_freeze_time=2,
+        warmup_cap=1, importance_scale="raw"))
+    safe = model.base_model
+    outside = [u for u in safe.adapter_units if not u.startswith("bert.encoder.layer.")]
+    assert outside, safe.adapter_units  # BitFit's defaults reach outside the blocks
+    with torch.no_grad():  # biases that move the logits
+        for name, param in model.named_parameters():
+            if "bitfit" in name:
+                param.add_(torch.randn_like(param))
+    for t in (0, 1, 2):
+        safe.update_and_freeze(t, [tiny.batch()])
+    assert all(set(h["scores"]) == {f"bert.encoder.layer.{i}" for i in range(3)} for h in safe.freeze_state.history)
+    assert not set(outside) & set(safe.frozen_units)
+    assert safe.frozen_units == ["bert.encoder.layer.0", "bert.encoder.layer.1"]  # one block keeps training
+    for unit in outside:
+        assert all(p.requires_grad for n, p in model.named_parameters() if tiny.in_unit(n, unit) and "bitfit" in n)
+    assert safe.freeze(outside) == outside  # by hand it still freezes
+
+
+def _seq2seq(kind: str):
+    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    if kind == "t5":
+        base = T5ForConditionalGeneration(T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                   num_heads=2, decoder_start_token_id=0))
+        return base, ["q", "v"], "encoder.block", "decoder.block"
+    base = BartForConditionalGeneration(BartConfig(
+        vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64))
+    return base, ["q_proj", "v_proj"], "model.encoder.layers", "model.decoder.layers"
+
+
+@pytest.mark.parametrize("site", ["adapter_output", "block_output"])
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_encoder_decoder_models_get_one_unit_per_block_on_both_stacks(tiny, kind, site):
+    # issue 13.9: the encoder's q and v became one unit each while the decoder was per block
+    base, targets, encoder, decoder = _seq2seq(kind)
+    lora = LoraConfig(r=4, target_modules=targets, init_lora_weights=False)
+    model = get_peft_model(base, SAFEConfig(adapter_config=lora, task_type="SEQ_2_SEQ_LM", scoring_site=site,
+                                            tau=1.0, final_freeze_time=2, warmup_cap=1, importance_scale="raw"))
+    safe = model.base_model
+    units = [f"{encoder}.0", f"{encoder}.1", f"{decoder}.0", f"{decoder}.1"]
+    assert safe.adapter_units == units
+    ids = tiny.ids(batch=4, seq=8)
+    probe = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "decoder_input_ids": ids}]
+    for t in (0, 1, 2):
+        safe.update_and_freeze(t, probe)
+    assert set(safe.raw_importance) == set(units)
+    assert all(0 <= score <= 1 for score in safe.raw_importance.values())
+    assert safe.frozen_units == units[:3]  # a bottom prefix, encoder first; the top decoder block trains
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if tiny.in_unit(n, units[0]))
+    assert any(p.grad is not None for n, p in model.named_parameters() if tiny.in_unit(n, units[3]))
