@@ -18,7 +18,7 @@ from transformers import BertForSequenceClassification
 
 import peft_safe
 import peft_safe.registry
-from peft_safe import SAFEConfig, SAFEModel
+from peft_safe import HoulsbyConfig, SAFEConfig, SAFEModel
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
@@ -181,3 +181,37 @@ def test_a_pickled_safe_tuner_class_resolves_by_its_path_before_and_after_the_la
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+_TORCH_LOAD = """
+import sys, torch
+model = torch.load(sys.argv[1], weights_only=False)  # peft_safe imported by unpickling, nothing else
+batch = torch.load(sys.argv[2])
+with torch.no_grad():
+    logits = model.eval()(**batch).logits
+torch.save({"tuner": type(model.base_model).__name__, "frozen": model.base_model.frozen_units,
+            "logits": logits}, sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize("wrapped", ["lora", "houlsby"])
+def test_a_whole_safe_model_saved_with_torch_save_loads_in_a_fresh_interpreter(tmp_path, tiny, wrapped):
+    # issue 13.23: torch.save(model), then torch.load in a new process: "Can't get attribute 'SAFELoraModel'"
+    adapter = tiny.lora() if wrapped == "lora" else HoulsbyConfig(task_type="SEQ_CLS", init_weights=False)
+    torch.manual_seed(4)
+    model = get_peft_model(tiny.bert(layers=3, seed=3), SAFEConfig(adapter_config=adapter, task_type="SEQ_CLS"))
+    model.base_model.freeze([0])
+    batch = tiny.batch(batch=3, seq=7, seed=5)
+    expected = tiny.logits(model, batch)
+    torch.save(model, tmp_path / "model.pt")
+    torch.save(batch, tmp_path / "batch.pt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _TORCH_LOAD, str(tmp_path / "model.pt"), str(tmp_path / "batch.pt"),
+         str(tmp_path / "out.pt")], capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = torch.load(tmp_path / "out.pt")
+    assert result["tuner"] == ("SAFELoraModel" if wrapped == "lora" else "SAFEBottleneckModel")
+    assert result["frozen"] == ["bert.encoder.layer.0"]
+    torch.testing.assert_close(result["logits"], expected, rtol=0, atol=1e-6)

@@ -11,13 +11,17 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..safe.distributed import check_trainer_ddp
 from ..safe.model import SAFEModel, find_safe_model
+from ..safe.scoring import check_probe_batch
+
+_MODEL_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "input_features", "input_values")
 
 logger = logging.getLogger(__name__)
 
@@ -100,20 +104,54 @@ class SAFECallback(TrainerCallback):
             batches = list(data)
         else:
             examples = _take(data, self.probe_size)
-            accepted = set(inspect.signature(model.forward).parameters) | {"labels", "label"}
-            rows = [{k: v for k, v in dict(ex).items() if k in accepted} for ex in _rows(examples)]
+            params = inspect.signature(model.forward).parameters
+            accepted = set(params) | {"labels", "label"}
+            rows = [dict(ex) for ex in _rows(examples)]
+            inputs = [name for name in _MODEL_INPUTS if name in params]
+            if rows and inputs and not any(name in rows[0] for name in inputs):
+                raise ValueError(
+                    f"SAFECallback's probe examples have keys {sorted(rows[0])} but none of the model's inputs "
+                    f"{inputs}: tokenize them first, e.g. dataset.map(lambda x: tokenizer(x['text']), batched=True)."
+                )
+            rows = [{k: v for k, v in row.items() if k in accepted} for row in rows]
             collator = self.data_collator or _default_collator(processing_class)
-            batches = [collator(rows[i : i + self.batch_size]) for i in range(0, len(rows), self.batch_size)]
+            try:
+                batches = [collator(rows[i : i + self.batch_size]) for i in range(0, len(rows), self.batch_size)]
+            except (ValueError, TypeError, RuntimeError) as err:
+                raise ValueError(
+                    f"SAFECallback could not collate its probe examples into batches ({err}). Examples of different "
+                    "lengths need padding: give the Trainer its tokenizer (processing_class=tokenizer) or pass "
+                    "data_collator=DataCollatorWithPadding(tokenizer) to SAFECallback."
+                ) from err
         if not batches:
             raise ValueError("SAFECallback's probe set is empty; give it at least one example.")
+        for batch in batches:  # now, not an epoch into training at the first scoring
+            check_probe_batch(model, batch)
         return batches
 
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         safe = self._safe(kwargs["model"])
         check_trainer_ddp(args.world_size, args.ddp_find_unused_parameters)
-        self._probe_batches = self._build_probe_batches(kwargs["model"], kwargs.get("processing_class"))
         config = safe.safe_config
+        if config.schedule_unit == "epoch" and not float(config.scoring_interval).is_integer():
+            raise ValueError(
+                f"SAFECallback scores at epoch ends, so with schedule_unit='epoch' scoring_interval must be a whole "
+                f"number of epochs, got {config.scoring_interval}. To score within an epoch, use "
+                "schedule_unit='step' with scoring_interval (and final_freeze_time) in optimizer steps."
+            )
+        self._probe_batches = self._build_probe_batches(kwargs["model"], kwargs.get("processing_class"))
+        start = getattr(state, "global_step" if config.schedule_unit == "step" else "epoch", None) or 0
+        last = safe.freeze_state.last_scored
+        if last is not None and start < last:
+            message = (
+                f"SAFE: this adapter was already scored up to t={last} {config.schedule_unit}(s) but this train() "
+                f"starts at {start}, so SAFE will not score (nor freeze) until t passes {last}. To continue the "
+                "saved run, pass trainer.train(resume_from_checkpoint=...); to run SAFE's schedule again from t=0, "
+                "call peft_model.base_model.restart_schedule() before building the Trainer."
+            )
+            warnings.warn(message, UserWarning, stacklevel=2)
+            logger.warning(message)
         logger.info(
             "SAFE: %d units, scoring every %s %s(s) on %d probe batches",
             len(safe.adapter_units), config.scoring_interval, config.schedule_unit, len(self._probe_batches),
@@ -137,6 +175,20 @@ class SAFECallback(TrainerCallback):
         safe = self._safe(kwargs["model"])
         if safe.safe_config.schedule_unit == "epoch":
             self._maybe_score(safe, round(state.epoch or 0.0, 6), state, kwargs.get("optimizer"))
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        # load_best_model_at_end restores the best checkpoint (with its freeze state) before this event: the
+        # units the logs say froze may be trainable again. Correct, but it must not pass unnoticed.
+        if not self.scorings:
+            return
+        safe = self._safe(kwargs["model"])
+        logged, now = self.scorings[-1]["safe/frozen_units"], len(safe.frozen_units)
+        if now != logged:
+            logger.warning(
+                "SAFE: %d of %d units were frozen at the end of training, but the model now has %d frozen: the "
+                "Trainer loaded another checkpoint (load_best_model_at_end=True restores %s, with the freeze "
+                "state saved there).", logged, len(safe.adapter_units), now, state.best_model_checkpoint,
+            )
 
     # ------------------------------------------------------------------ internals
     def _safe(self, model: Any) -> SAFEModel:
@@ -176,7 +228,8 @@ def _is_batch_list(data: Any) -> bool:
     first = data[0]
     import torch
 
-    return isinstance(first, dict) and any(isinstance(v, torch.Tensor) and v.dim() >= 2 for v in first.values())
+    # a Mapping, not only a dict: a tokenizer's BatchEncoding (return_tensors="pt") is a ready batch too
+    return isinstance(first, Mapping) and any(isinstance(v, torch.Tensor) and v.dim() >= 2 for v in first.values())
 
 
 def _take(data: Any, n: int) -> Any:

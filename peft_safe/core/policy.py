@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 
 from .schedule import (
@@ -21,18 +22,67 @@ from .schedule import (
 from .state import FreezeState
 
 
-def check_scoring_time(t: object, last_scored: float | None) -> None:
-    """Refuse a scoring time that is not a finite number >= 0, or lies before the previous scoring.
+def as_number(value: object) -> int | float | None:
+    """``value`` as a plain Python number if it is a real number of any library, else ``None``.
+
+    A numpy scalar or a one-element tensor (``np.float32(0.3)``, ``torch.tensor(3)``) is the number it holds, so
+    it stores and serialises as one; bools, strings, complex numbers and larger arrays are not numbers.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, numbers.Real) or (hasattr(value, "item") and getattr(value, "ndim", None) == 0):
+        try:
+            item = value.item() if hasattr(value, "item") else float(value)  # type: ignore[union-attr]
+        except (TypeError, ValueError, RuntimeError):
+            return None
+        return item if isinstance(item, (int, float)) and not isinstance(item, bool) else None
+    return None
+
+
+def check_time(t: object, what: str = "scoring time t") -> float:
+    """``t`` as a plain number, refused unless it is a finite real number >= 0 (numpy and torch scalars are).
 
     Raises:
         ValueError: naming the time and what it must be.
     """
-    if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t < 0:
-        raise ValueError(
-            f"scoring time t must be a finite number >= 0 (the current epoch or optimizer step), got {t!r}."
-        )
+    number = as_number(t)
+    if number is None or not math.isfinite(number) or number < 0:
+        raise ValueError(f"{what} must be a finite number >= 0 (the current epoch or optimizer step), got {t!r}.")
+    return number
+
+
+def check_scoring_time(t: object, last_scored: float | None) -> float:
+    """Refuse a scoring time that is not a finite number >= 0, or does not come after the previous scoring.
+
+    A second scoring at the same time would compare two identical score vectors, and the warm-up rule would
+    call them settled at once.
+
+    Returns:
+        ``t`` as a plain number.
+
+    Raises:
+        ValueError: naming the time and what it must be.
+    """
+    t = check_time(t)
     if last_scored is not None and t < last_scored:
         raise ValueError(f"scoring time {t} lies before the previous scoring at {last_scored}; time must not go back.")
+    if last_scored is not None and t == last_scored:
+        raise ValueError(
+            f"scoring time {t} is the time of the previous scoring; score once per time, at a later t (two "
+            "scorings at one time give the same scores, which would end warm-up at once)."
+        )
+    return t
+
+
+def no_information_warning(t: float) -> str:
+    """The warning given when every score of a scoring is 0."""
+    return (
+        f"SAFE: every unit scored 0 at t={t}: the adapters do not change the model (yet), e.g. LoRA's B is still "
+        "0 because no optimizer step has updated it (an optimizer built before get_peft_model holds the wrong "
+        "parameters). Scores that carry no information neither end warm-up nor freeze anything."
+    )
 
 
 @dataclass(frozen=True)
@@ -69,11 +119,15 @@ class SchedulePolicy:
                 negative; the state is left unchanged.
         """
         # Everything is checked before the state changes: a bad call leaves it as it was.
-        check_scoring_time(t, state.last_scored)
+        t = check_scoring_time(t, state.last_scored)
         normalize_scores(scores, self.importance_scale)  # raises on a non-finite or negative score
         previous = state.latest_scores
         state.history.append({"t": t, "scores": dict(scores)})
         state.last_scored = t
+        if scores and not any(score > 0 for score in scores.values()):
+            # 0 == 0 would count as settled and the warm-up cap would end warm-up on scores that say nothing
+            warnings.warn(no_information_warning(t), RuntimeWarning, stacklevel=3)
+            return []
         if state.warmup_end is None:
             tolerance = self.warmup_tolerance
             if tolerance is None:
@@ -85,8 +139,8 @@ class SchedulePolicy:
             if settled or capped:
                 state.warmup_end = t
         threshold = self.threshold(t, state.warmup_end)
-        if threshold <= 0.0 or not any(score > 0 for score in scores.values()):
-            return []  # before the threshold rises, or scores that carry no information (adapters that do nothing)
+        if threshold <= 0.0 or not scores:
+            return []  # before the threshold rises
         return self.select(state, scores, threshold)
 
     def select(self, state: FreezeState, scores: dict[str, float], threshold: float) -> list[str]:

@@ -10,7 +10,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-FORMAT_VERSION = 1
+# 1: the state, with an optional integrity record; 2: the integrity record is required and seals the state.
+FORMAT_VERSION = 2
 
 
 @dataclass

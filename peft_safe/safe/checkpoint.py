@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.state import FreezeState, parse_state_json
+from ..core.state import FORMAT_VERSION, FreezeState, parse_state_json
 from .config import LEGACY_VALUES, RENAMED_FIELDS, SAFEConfig
 
 __all__ = ["FREEZE_STATE_KEY", "check_loadable", "decode_payload", "encode_payload"]
@@ -37,11 +37,46 @@ _VOLATILE_CONFIG_FIELDS = ("inference_mode", "base_model_name_or_path", "revisio
                            "rank_pattern")
 
 
+# Payloads from this format version on carry an integrity record whose ``state_sha256`` seals the whole record.
+SEALED_FROM_VERSION = 2
+
+
 def encode_payload(state: FreezeState, config: SAFEConfig, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """The uint8 tensor that stores ``state`` beside ``tensors``, with the integrity record of both."""
-    record = {**state.to_dict(), "integrity": _integrity_record(config, tensors)}
+    record = {**state.to_dict(), "format_version": FORMAT_VERSION, "integrity": _integrity_record(config, tensors)}
+    record = seal(record)
     payload = json.dumps(record, sort_keys=True, allow_nan=False).encode("utf-8")
     return torch.frombuffer(bytearray(payload), dtype=torch.uint8).clone()
+
+
+def seal(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with ``integrity.state_sha256`` set to the digest of everything else in it."""
+    return {**record, "integrity": {**record["integrity"], "state_sha256": _record_digest(record)}}
+
+
+def _record_digest(record: dict[str, Any]) -> str:
+    integrity = {k: v for k, v in record["integrity"].items() if k != "state_sha256"}
+    text = json.dumps({**record, "integrity": integrity}, sort_keys=True, allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _check_seal(data: Any) -> None:
+    """Raise if a sealed record (format 2 on) lacks its seal or does not match it: a damaged freeze state."""
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if not isinstance(version, int) or not SEALED_FROM_VERSION <= version <= FORMAT_VERSION:
+        return  # older payloads have no seal; malformed or newer ones are refused by FreezeState.from_dict
+    integrity = data.get("integrity")
+    recorded = integrity.get("state_sha256") if isinstance(integrity, dict) else None
+    try:
+        matches = isinstance(recorded, str) and recorded == _record_digest(data)
+    except (TypeError, ValueError):  # an integrity record that is not an object, a value JSON cannot hold
+        matches = False
+    if not matches:
+        raise ValueError(
+            "the SAFE freeze state in this checkpoint does not match the checksum recorded when it was saved (or "
+            "its integrity record is missing): the file is corrupt (damaged on disk or in transfer, or edited). "
+            "Restore it from a good copy."
+        )
 
 
 def decode_payload(
@@ -68,6 +103,7 @@ def decode_payload(
             f"the SAFE freeze state in this checkpoint is not UTF-8 ({err}); the file is corrupt."
         ) from err
     data = parse_state_json(text)  # parsed once: the state and the integrity record share it
+    _check_seal(data)  # first: a damaged state must read as damaged, not as another model's
     state = FreezeState.from_dict(data)
     if state.units != units:
         raise ValueError(

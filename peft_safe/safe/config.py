@@ -17,7 +17,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
 from .._peft_types import SAFE_PEFT_TYPE, SUPPORTED_ADAPTER_TYPES, peft_type_name
 from ..core.cka import SCORING_SITES
-from ..core.policy import SchedulePolicy
+from ..core.policy import SchedulePolicy, as_number
 from ..core.schedule import DEFAULT_WARMUP_TOLERANCE, FREEZE_ORDERS, SCORE_SCALES, WARMUP_RULES
 
 SCHEDULE_UNITS = ("epoch", "step")
@@ -168,6 +168,7 @@ class SAFEConfig(PeftConfig):
             elif getattr(self.adapter_config, name, None) is not None:
                 object.__setattr__(self, name, getattr(self.adapter_config, name))
         self._validate()
+        object.__setattr__(self, "_built", True)  # from now on, assignments to SAFE's fields are checked
 
     def _build_adapter_config(self, adapter_config: Any) -> PeftConfig:
         supported = SUPPORTED_ADAPTER_TYPES
@@ -209,9 +210,21 @@ class SAFEConfig(PeftConfig):
     def _validate(self) -> None:
         def finite(name: str) -> float:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                number = as_number(value)  # a numpy or torch scalar: stored as the plain number it holds
+                if number is None:
+                    raise ValueError(f"{name} must be a finite number, got {value!r}.")
+                object.__setattr__(self, name, number)
+                value = number
+            if not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}.")
             return value
+
+        for name in ("probe_tokens", "seed"):
+            value = getattr(self, name)
+            number = None if isinstance(value, (int, float)) else as_number(value)  # np.int64(7), torch.tensor(7)
+            if isinstance(number, int):
+                object.__setattr__(self, name, number)
 
         if not 0.0 < finite("tau") <= 1.0:
             raise ValueError(f"tau must be in (0, 1], got {self.tau!r}; it is the final threshold on importance.")
@@ -328,8 +341,16 @@ class SAFEConfig(PeftConfig):
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in RENAMED_FIELDS:
+            old = self.__dict__.get(RENAMED_FIELDS[name])
             self._set_renamed(name, value)
-            self._validate()
+            self._validate_or_restore(RENAMED_FIELDS[name], old)
+            return
+        if name in _SAFE_FIELDS and self.__dict__.get("_built"):
+            # model.peft_config[name].tau = ... is the documented way to change a hyper-parameter: checked here,
+            # before any scoring uses it; a refused value leaves the old one in place.
+            old = self.__dict__.get(name)
+            object.__setattr__(self, name, value)
+            self._validate_or_restore(name, old)
             return
         adapter_config = self.__dict__.get("adapter_config")
         own = name in self.__dataclass_fields__ or name.startswith("_")
@@ -340,6 +361,13 @@ class SAFEConfig(PeftConfig):
                 setattr(adapter_config, name, value)
                 return
         object.__setattr__(self, name, value)
+
+    def _validate_or_restore(self, name: str, old: Any) -> None:
+        try:
+            self._validate()
+        except ValueError:
+            object.__setattr__(self, name, old)
+            raise
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "adapter_config"}
@@ -356,6 +384,11 @@ def _renamed_reader(old: str) -> property:
 
     return property(read, doc=f"Deprecated name of :attr:`{new}`.")
 
+
+# SAFE's own hyper-parameters: assignments to them after construction are validated.
+_SAFE_FIELDS = frozenset(f.name for f in dataclasses.fields(SAFEConfig) if f.name != "adapter_config") - {
+    f.name for f in dataclasses.fields(PeftConfig)
+}
 
 # The deprecated names read through to the new fields (assignment goes through SAFEConfig.__setattr__).
 for _old in RENAMED_FIELDS:

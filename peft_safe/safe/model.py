@@ -15,10 +15,9 @@ Imports: peft's tuner machinery and this package's ``core`` and ``safe``; never 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -27,17 +26,26 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 
-from ..core.policy import SchedulePolicy, check_scoring_time
+from ..core.policy import SchedulePolicy, check_scoring_time, check_time
 from ..core.schedule import normalize_scores
 from ..core.state import FreezeState
 from .adalora import allocate_trainable_ranks
 from .checkpoint import FREEZE_STATE_KEY, check_loadable, decode_payload, encode_payload
 from .config import SAFEConfig
 from .distributed import agree_on_scores
-from .optimizer import check_optimizer, drop_from_optimizer
+from .freezing import FrozenUnitsMixin, check_something_trains
+from .optimizer import check_optimizer
 from .scoring import compute_importance
 from .truncation import BackpropCut
-from .units import AdapterUnit, find_adapter_units, leaf_layer_names, resolve_units, unit_parameters
+from .units import (
+    AdapterUnit,
+    as_index,
+    find_adapter_units,
+    leaf_layer_names,
+    require_units,
+    resolve_units,
+    unit_parameters,
+)
 
 __all__ = ["SAFEModel", "find_safe_model"]
 
@@ -85,7 +93,7 @@ def find_safe_model(model: nn.Module) -> SAFEModel | None:
     return next((m for m in model.modules() if isinstance(m, SAFEModel)), None)
 
 
-class SAFEModel(BaseTuner):
+class SAFEModel(FrozenUnitsMixin, BaseTuner):
     """SAFE (Selective Adapter FrEezing) around a peft adapter.
 
     Created by ``get_peft_model(model, SAFEConfig(...))``; reach it as ``peft_model.base_model``.
@@ -148,8 +156,14 @@ class SAFEModel(BaseTuner):
             self._new_freeze_state(adapter_name)
 
     def _new_freeze_state(self, adapter_name: str) -> None:
+        self._freeze_states[adapter_name] = self._fresh_state(adapter_name)
+
+    def _new_freeze_state_replacing(self, adapter_name: str) -> None:
+        self._replace_freeze_state(adapter_name, self._fresh_state(adapter_name))
+
+    def _fresh_state(self, adapter_name: str) -> FreezeState:
         config = self.peft_config[adapter_name]
-        self._freeze_states[adapter_name] = FreezeState(
+        return FreezeState(
             units=[u.name for u in self._units(adapter_name)],
             adapter_type=config.adapter_peft_type,
             schedule_unit=config.schedule_unit,
@@ -169,6 +183,13 @@ class SAFEModel(BaseTuner):
     def _units(self, adapter_name: str | None = None) -> list[AdapterUnit]:
         adapter_name = adapter_name or self.safe_adapter_name
         return find_adapter_units(self.model, adapter_name, self.peft_config[adapter_name].blocks_path)
+
+    def _live_units(self, action: str, adapter_name: str | None = None) -> list[AdapterUnit]:
+        """The units, refused when the adapter's layers are gone (merged and unloaded)."""
+        adapter_name = adapter_name or self.safe_adapter_name
+        units = self._units(adapter_name)
+        require_units(units, self._freeze_states[adapter_name].units, adapter_name, action)
+        return units
 
     # ------------------------------------------------------------------ public surface
     @property
@@ -224,7 +245,7 @@ class SAFEModel(BaseTuner):
             unit name -> raw importance (1 - CKA).
         """
         config = self.safe_config
-        chosen = self._units()
+        chosen = self._live_units("score importance")
         if units is not None:
             names = set(resolve_units([unit.name for unit in chosen], units))
             chosen = [unit for unit in chosen if unit.name in names]
@@ -252,18 +273,34 @@ class SAFEModel(BaseTuner):
         Under ``torch.distributed`` (world size > 1) every rank must call this with the same ``t``: the scores
         are averaged over the ranks (see :mod:`peft_safe.safe.distributed`), so all ranks freeze the same units.
         """
-        check_scoring_time(t, self.freeze_state.last_scored)
+        # Everything is checked before the state moves: the time, the optimizer, hyper-parameters changed in place
+        # (model.peft_config[name].tau = ...) and that the adapters are still in the model.
+        t = check_scoring_time(t, self.freeze_state.last_scored)
         check_optimizer(optimizer)
+        self.safe_config._validate()
         # Frozen units never thaw, so they are not rerun: scoring costs one probe forward plus one block rerun
         # per trainable unit. The schedule never freezes the last trainable unit (see SchedulePolicy.select).
-        trainable = [name for name in self.adapter_units if name not in self.freeze_state.frozen]
+        # Units outside the block lists are not candidates (see safe/units.py): never scored, never frozen here.
+        candidates = [unit.name for unit in self._live_units("score and freeze units") if unit.candidate]
+        trainable = [name for name in candidates if name not in self.freeze_state.frozen]
         scores = self.compute_importance(probe_batches, units=trainable) if trainable else {}
         scores = agree_on_scores(scores, t)
-        newly = self.schedule.advance(self.freeze_state, t, scores)
+        newly = [u for u in self.schedule.advance(self.freeze_state, t, scores) if u in candidates]
         if newly:
             self.freeze(newly, optimizer=optimizer, at=t)
         logger.info("SAFE t=%s threshold=%.4f newly frozen=%s", t, self.threshold(t), newly)
         return newly
+
+    def restart_schedule(self) -> None:
+        """Start SAFE's schedule again from t=0: history, warm-up end and scoring time cleared, every unit thawed.
+
+        For a new ``train()`` on a loaded SAFE adapter that should be scored and frozen again (a plain new
+        ``Trainer`` starts at t=0, which lies before the adapter's last scoring, so it would never score). Call it
+        before the optimizer is built, so the thawed units' parameters are in it. To continue the saved run
+        instead, resume it (``trainer.train(resume_from_checkpoint=...)``).
+        """
+        self._live_units("restart the schedule")
+        self._new_freeze_state_replacing(self.safe_adapter_name)
 
     def freeze(
         self, units: Sequence[str | int], optimizer: torch.optim.Optimizer | None = None, at: float | None = None
@@ -279,92 +316,26 @@ class SAFEModel(BaseTuner):
             The names of the units that were not frozen before.
 
         Raises:
-            ValueError: if a unit is unknown.
+            ValueError: if a unit is unknown, ``at`` is not a finite time >= 0, or the adapters are gone.
             TypeError: if ``units`` is not a unit, a list of units, or ``optimizer`` is not a torch optimizer.
         """
-        if units is None or not isinstance(units, (str, int, Sequence)):
+        if units is None or not (isinstance(units, (str, Sequence)) or as_index(units) is not None):
             raise TypeError(
                 f"freeze() takes a unit name or index, or a list of them (see adapter_units), got {units!r}."
             )
         check_optimizer(optimizer)
-        names = resolve_units(self.adapter_units, units)
+        if at is not None:  # it is saved with the checkpoint, as a scoring time is
+            at = check_time(at, "freeze time at")
+        live = self._live_units("freeze units")
+        names = resolve_units([unit.name for unit in live], units)
         state = self.freeze_state
         newly = [name for name in names if name not in state.frozen]
+        leaving = [p for unit in live if unit.name in newly for p in unit_parameters(unit, self.safe_adapter_name)]
+        check_something_trains(self.model, leaving)
         for name in newly:
             state.frozen[name] = at if at is not None else state.last_scored
         self._apply_freeze_state(optimizer)
         return newly
-
-    # ------------------------------------------------------------------ keeping frozen units frozen
-    def _apply_freeze_state(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        frozen_params = []
-        for adapter_name, state in self._freeze_states.items():
-            if not state.frozen:
-                continue
-            for unit in self._units(adapter_name):
-                if unit.name in state.frozen:
-                    frozen_params.extend(unit_parameters(unit, adapter_name))
-        for param in frozen_params:
-            param.requires_grad_(False)
-            param.grad = None
-        if optimizer is not None and frozen_params:
-            drop_from_optimizer(optimizer, frozen_params)
-        self._update_backprop_cut()
-
-    def _update_backprop_cut(self) -> None:
-        # Backprop stops at the lowest trainable block even when an input-require-grads hook (k-bit preparation,
-        # gradient checkpointing) keeps the chain below alive; see truncation.py.
-        state = self._freeze_states.get(self.active_adapters[0]) if self.active_adapters else None
-        if state is None or not state.frozen:
-            self._backprop_cut.remove()
-        else:
-            self._backprop_cut.update(self.model, self._units(), state.frozen)
-
-    @property
-    def backprop_cut_block(self) -> str | None:
-        """The block whose input SAFE detaches so that backprop stops there; ``None`` when there is no cut."""
-        return self._backprop_cut.block_name
-
-    @contextlib.contextmanager
-    def without_backprop_cut(self) -> Iterator[None]:
-        """Run the model without SAFE's backprop cut, to measure what the cut saves (docs/qlora.md).
-
-        Inside, backprop below the lowest trainable block runs as it would without SAFE (an input-require-grads
-        hook keeps the frozen blocks on the backward path); the cut returns on exit, under the freeze state then.
-
-        Example:
-            >>> with safe.without_backprop_cut():
-            ...     loss = model(**batch).loss; loss.backward()   # the frozen bottom blocks are backpropagated
-        """
-        self._backprop_cut.remove()
-        try:
-            yield
-        finally:
-            self._update_backprop_cut()
-
-    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        super()._mark_only_adapters_as_trainable(model)
-        self._apply_freeze_state()
-
-    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
-        super().set_adapter(adapter_name, inference_mode=inference_mode)
-        self._apply_freeze_state()
-
-    def _enable_adapter_layers(self, enabled: bool = True) -> None:
-        super()._enable_adapter_layers(enabled)
-        self._apply_freeze_state()
-
-    def enable_adapter_layers(self) -> None:
-        super().enable_adapter_layers()
-        self._apply_freeze_state()
-
-    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
-        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
-        self._apply_freeze_state()
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        self._freeze_states.pop(adapter_name, None)
 
     # ------------------------------------------------------------------ AdaLoRA's rank allocation
     def update_and_allocate(self, global_step: int) -> None:
@@ -410,6 +381,7 @@ class SAFEModel(BaseTuner):
         safe = find_safe_model(model)
         if safe is None or adapter_name not in safe._freeze_states:
             raise ValueError(f"cannot save SAFE adapter {adapter_name!r}: no SAFE tuner holding its freeze state.")
+        safe._live_units("save the SAFE adapter", adapter_name)  # before peft writes anything
         out[FREEZE_STATE_KEY] = encode_payload(safe._freeze_states[adapter_name], config, out)
         return out
 
@@ -432,15 +404,5 @@ class SAFEModel(BaseTuner):
             model=model, config=config.adapter_config, adapter_name=adapter_name, state_dict=state_dict
         )
         check_loadable(remapped, model)
-        # Everything checked: only now is the model touched. The loaded state replaces the adapter's own, so
-        # units this adapter had frozen that the checkpoint trains become trainable again (unless loading for
-        # inference, where nothing trains).
-        previous = safe._freeze_states.get(adapter_name)
-        safe._freeze_states[adapter_name] = state
-        if previous is not None and not getattr(safe.peft_config.get(adapter_name), "inference_mode", True):
-            for unit in safe._units(adapter_name):
-                if unit.name in previous.frozen and unit.name not in state.frozen:
-                    for param in unit_parameters(unit, adapter_name):
-                        param.requires_grad_(True)
-        safe._apply_freeze_state()
+        safe._replace_freeze_state(adapter_name, state)  # everything checked: only now is the model touched
         return remapped

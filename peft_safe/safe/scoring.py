@@ -55,7 +55,8 @@ def _check_probe_set(probe_batches: Any) -> None:
         )
 
 
-def _check_batch(model: nn.Module, batch: Any) -> None:
+def check_probe_batch(model: nn.Module, batch: Any) -> None:
+    """Raise if ``batch`` is not a batch of the model's inputs (keys, tensors, id dtype, shape and range)."""
     if not isinstance(batch, Mapping):
         if isinstance(batch, (torch.Tensor, tuple, list)):
             return
@@ -80,8 +81,31 @@ def _check_batch(model: nn.Module, batch: Any) -> None:
             continue
         if value.numel() == 0:
             raise ValueError(f"probe batch {name!r} is empty (shape {tuple(value.shape)}); drop empty batches.")
-        if name == "input_ids" and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
-            raise TypeError(f"probe batch 'input_ids' must hold integer token ids, got dtype {value.dtype}.")
+        if name == "input_ids":
+            _check_token_ids(model, value)
+
+
+def _check_token_ids(model: nn.Module, ids: torch.Tensor) -> None:
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(
+            f"probe batch 'input_ids' must hold integer token ids as int64 (or int32), got dtype {ids.dtype}; "
+            "use ids.long()."
+        )
+    if ids.dim() != 2:
+        raise ValueError(
+            f"probe batch 'input_ids' must be 2-D (batch, sequence), got shape {tuple(ids.shape)}; a single "
+            "sequence is ids.unsqueeze(0); a probe set is a list of such batches, not one stacked tensor."
+        )
+    try:
+        vocab = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    except (AttributeError, NotImplementedError):  # a model without (or not telling) its input embeddings
+        vocab = None
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or (isinstance(vocab, int) and high >= vocab):
+        raise ValueError(
+            f"probe batch 'input_ids' hold ids from {low} to {high}, outside the model's vocabulary "
+            f"[0, {vocab}); tokenize the probe set with the model's own tokenizer."
+        )
 
 
 def _no_cache(model: nn.Module, batch: Any) -> dict[str, Any]:
@@ -225,7 +249,7 @@ def compute_importance(
             handles = [u.module.register_forward_hook(recorder(u.name), with_kwargs=True) for u in units]
         try:
             for batch in probe_batches:
-                _check_batch(model, batch)
+                check_probe_batch(model, batch)
                 batch = to_device(batch, device)
                 calls.clear()
                 current_mask[0] = batch.get("attention_mask") if isinstance(batch, Mapping) else None

@@ -406,3 +406,120 @@ def test_callback_rejects_bad_probe_sizes():
     with pytest.raises(ValueError, match="batch_size"):
         SAFECallback(probe_dataset=examples(2, 0), batch_size=0)
 
+
+
+# ---------------------------------------------------------------------------------------------- 5. issue 13
+def test_fractional_epoch_interval_is_refused_at_train_begin(tmp_path):
+    # issue 13.5: scoring_interval=0.5 with the epoch unit scored once per epoch (the callback sees epoch ends)
+    peft_model = safe_model(**{**EPOCH_SCHEDULE, "scoring_interval": 0.5})
+    trainer = Trainer(
+        model=peft_model, args=training_args(tmp_path, num_train_epochs=1), train_dataset=examples(16, 1),
+        callbacks=[SAFECallback(probe_dataset=examples(4, 2))],
+    )
+    before = adapter_weights(peft_model)
+    with pytest.raises(ValueError, match=r"whole number of epochs, got 0.5.*schedule_unit='step'"):
+        trainer.train()
+    after = adapter_weights(peft_model)
+    assert all(torch.equal(after[n], v) for n, v in before.items())
+
+
+def test_a_new_train_on_an_already_scored_adapter_warns_and_restart_schedule_scores_again(tmp_path):
+    # issue 13.6: a new train() on a loaded SAFE checkpoint never scored (every t <= last_scored is skipped)
+    peft_model = safe_model(**STEP_SCHEDULE)
+    safe = peft_model.base_model
+    probe = as_batches(examples(8, 2), 8)
+    for t in (2, 4, 6):
+        safe.update_and_freeze(t, probe)
+    safe.freeze([0])
+
+    def train():
+        trainer = Trainer(
+            model=peft_model, args=training_args(tmp_path, max_steps=4), train_dataset=examples(32, 1),
+            callbacks=[SAFECallback(probe_dataset=probe)],
+        )
+        trainer.train()
+
+    with pytest.warns(UserWarning, match=r"scored up to t=6.*restart_schedule\(\)"):
+        train()
+    assert [h["t"] for h in safe.freeze_state.history] == [2, 4, 6]  # nothing scored, as the warning says
+    safe.restart_schedule()
+    assert safe.freeze_state.history == [] and safe.frozen_units == []
+    assert all(p.requires_grad for p in unit_params(peft_model, UNITS[0]).values())
+    train()
+    assert [h["t"] for h in safe.freeze_state.history] == [2, 4]
+
+
+def test_best_model_loaded_at_end_with_fewer_frozen_units_is_logged(tmp_path, caplog):
+    # issue 13.13: load_best_model_at_end restores a checkpoint from before freezing; say so
+    peft_model = safe_model(**STEP_SCHEDULE)
+    callback = SAFECallback(probe_dataset=examples(16, 2), batch_size=8)
+    trainer = Trainer(
+        model=peft_model,
+        args=training_args(tmp_path, max_steps=12, eval_strategy="steps", eval_steps=2, save_strategy="steps",
+                           save_steps=2, load_best_model_at_end=True, metric_for_best_model="loss",
+                           greater_is_better=False),
+        train_dataset=examples(64, seed=1), eval_dataset=examples(8, seed=9), callbacks=[callback],
+    )
+
+    class WorstFirst(TrainerCallback):  # make the first checkpoint (nothing frozen yet) the "best" one
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            metrics["eval_loss"] = float(state.global_step)
+
+    trainer.add_callback(WorstFirst())
+    with caplog.at_level("WARNING", logger="peft_safe.callbacks.safe"):
+        trainer.train()
+    logged = callback.scorings[-1]["safe/frozen_units"]
+    assert logged > 0 and peft_model.base_model.frozen_units == []
+    assert any("load_best_model_at_end" in r.message and "checkpoint-2" in r.message for r in caplog.records)
+
+
+def test_tokenizer_batch_encodings_are_ready_batches(tmp_path):
+    # issue 13.20: a BatchEncoding is not a dict, so ready batches were re-collated into 3-D tensors
+    from transformers import BatchEncoding
+
+    rows = examples(16, 2)
+    encodings = [BatchEncoding({k: v for k, v in b.items() if k != "labels"}) for b in as_batches(rows, 8)]
+    peft_model = safe_model(**STEP_SCHEDULE)
+    callback = SAFECallback(probe_dataset=encodings)
+    trainer = Trainer(model=peft_model, args=training_args(tmp_path, max_steps=2), train_dataset=examples(16, 1),
+                      callbacks=[callback])
+    trainer.train()
+    assert [h["t"] for h in peft_model.base_model.freeze_state.history] == [2]
+    assert all(b["input_ids"].dim() == 2 for b in callback._probe_batches)
+
+
+@pytest.mark.parametrize(
+    ("probe", "words"),
+    [
+        ([{"text": "a raw sentence", "label": 1}] * 4, ["['label', 'text']", "tokenize"]),
+        ([{"input_ids": [1, 2, 3]}, {"input_ids": [1, 2]}], ["padding", "DataCollatorWithPadding"]),
+        ([{"input_ids": torch.tensor([1, 500, 3])}] * 2, ["500", "vocabulary"]),
+    ],
+    ids=["raw-text", "ragged-ids", "ids-beyond-vocab"],
+)
+def test_unusable_probe_examples_are_refused_at_train_begin(tmp_path, probe, words):
+    # issues 13.19 and 13.21: refused only at the first scoring, an epoch into training, or with torch's errors
+    peft_model = safe_model(**EPOCH_SCHEDULE)
+    trainer = Trainer(model=peft_model, args=training_args(tmp_path, num_train_epochs=1),
+                      train_dataset=examples(16, 1), callbacks=[SAFECallback(probe_dataset=probe)])
+    before = adapter_weights(peft_model)
+    with pytest.raises(ValueError) as info:
+        trainer.train()
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+    after = adapter_weights(peft_model)
+    assert all(torch.equal(after[n], v) for n, v in before.items())  # before any step
+
+
+def test_every_unit_scoring_under_the_threshold_on_a_causal_lm_leaves_one_training(tmp_path, tiny):
+    # issue 13.24: raw scores all under tau froze every unit and the next backward died mid-training
+    model = tiny.safe("llama", layers=3, schedule_unit="step", scoring_interval=1, final_freeze_time=2,
+                      warmup_cap=1, tau=1.0, importance_scale="raw")
+    rows = [{"input_ids": ids, "labels": ids} for ids in tiny.ids(batch=16, seq=8)]
+    callback = SAFECallback(probe_dataset=rows[:4], batch_size=4)
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=5, per_device_train_batch_size=4),
+                      train_dataset=rows, callbacks=[callback])
+    trainer.train()  # no "element 0 of tensors does not require grad"
+    safe = model.base_model
+    assert safe.frozen_units == safe.adapter_units[:-1]
+    assert any(p.requires_grad for p in model.parameters())

@@ -97,10 +97,20 @@ def _probe_cases(tiny):
         "float-ids": ([{"input_ids": ids.float()}], TypeError, ["input_ids", "float32", "integer"]),
         "empty-batch": ([{"input_ids": ids[:0]}], ValueError, ["input_ids", "empty", "(0, 8)"]),
         "ids-as-list": ([{"input_ids": ids.tolist()}], TypeError, ["input_ids", "list", "return_tensors"]),
+        # issue 13.19: these gave torch's own errors ("not enough values to unpack", an embedding's index error)
+        "1d-ids": ([{"input_ids": ids[0]}], ValueError, ["input_ids", "2-D", "(8,)", "unsqueeze(0)"]),
+        "3d-ids": ([{"input_ids": ids[None]}], ValueError, ["input_ids", "2-D", "(1, 2, 8)"]),
+        "uint8-ids": ([{"input_ids": ids.to(torch.uint8)}], TypeError, ["input_ids", "torch.uint8", "long()"]),
+        "ids-beyond-vocab": ([{"input_ids": ids + 100}], ValueError, ["input_ids", "vocabulary", "[0, 100)"]),
+        "negative-ids": ([{"input_ids": ids - 200}], ValueError, ["input_ids", "vocabulary"]),
     }
 
 
-@pytest.mark.parametrize("case", ["single-dict", "none", "a-path", "float-ids", "empty-batch", "ids-as-list"])
+PROBE_CASES = ["single-dict", "none", "a-path", "float-ids", "empty-batch", "ids-as-list", "1d-ids", "3d-ids",
+               "uint8-ids", "ids-beyond-vocab", "negative-ids"]
+
+
+@pytest.mark.parametrize("case", PROBE_CASES)
 def test_bad_probe_sets_raise_naming_what_is_wrong(tiny, case):
     probe, error, words = _probe_cases(tiny)[case]
     model = tiny.safe("bert")
@@ -127,6 +137,23 @@ def test_freeze_refuses_bad_arguments_and_freezes_nothing(tiny, units, optimizer
         model.base_model.freeze(units, optimizer=optimizer)
     assert model.base_model.frozen_units == []
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+
+
+def test_freezing_the_last_trainable_units_by_hand_is_refused_on_a_causal_lm(tiny):
+    # issue 13.24: every unit frozen on a causal LM left nothing trainable; the next backward died
+    model = tiny.safe("llama", layers=3)
+    safe = model.base_model
+    safe.freeze([0, 1])
+    with pytest.raises(ValueError, match="no parameter of the model trainable"):
+        safe.freeze([2])
+    with pytest.raises(ValueError, match="no parameter of the model trainable"):
+        safe.freeze(safe.adapter_units)
+    assert safe.frozen_units == safe.adapter_units[:2]
+    loss = model(input_ids=tiny.ids(), labels=tiny.ids()).loss
+    loss.backward()  # still trains
+    # a classifier's head trains on, so there every unit may freeze
+    bert = tiny.safe("bert", layers=2)
+    assert bert.base_model.freeze([0, 1]) == bert.base_model.adapter_units
 
 
 def test_update_and_freeze_refuses_a_non_optimizer_before_scoring(tiny):

@@ -261,7 +261,8 @@ def test_corrupt_freeze_state_raises(saved, tiny, tmp_path, payload, words):
 
 
 def test_freeze_state_naming_units_the_model_lacks_raises(saved, tiny, tmp_path):
-    state = {**saved["state"], "frozen": {"bert.encoder.layer.9": 1}}
+    # format 1: a payload from before the seal, so the state's own check is what refuses it
+    state = {**saved["state"], "frozen": {"bert.encoder.layer.9": 1}, "format_version": 1}
     rewrite_freeze_state(saved["path"], tmp_path / "bad", json_payload(state))
     with pytest.raises(ValueError, match="bert.encoder.layer.9"):
         PeftModel.from_pretrained(tiny.bert(layers=LAYERS), tmp_path / "bad", is_trainable=True)

@@ -16,6 +16,8 @@ import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
+from peft_safe.safe.checkpoint import decode_payload, seal
+
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
 FREEZE_STATE_KEY = "base_model.safe_freeze_state"
@@ -77,11 +79,24 @@ def edit_tensors(change):
     return damage
 
 
-def edit_state(change):
+def edit_state(change, reseal: bool = True):
+    """Edit the freeze-state JSON; ``reseal`` updates its seal, as a payload written that way would carry."""
     def touch(tensors):
         data = json.loads(bytes(tensors[FREEZE_STATE_KEY].tolist()).decode())
         change(data)
+        if reseal and isinstance(data.get("integrity"), dict):
+            data = seal(data)
         tensors[FREEZE_STATE_KEY] = torch.tensor(list(json.dumps(data).encode()), dtype=torch.uint8)
+
+    return edit_tensors(touch)
+
+
+def replace_in_state(old: str, new: str):
+    """Replace text in the freeze-state bytes as an editor (or a damaged disk) would: no seal update."""
+    def touch(tensors):
+        text = bytes(tensors[FREEZE_STATE_KEY].tolist()).decode()
+        assert old in text
+        tensors[FREEZE_STATE_KEY] = torch.tensor(list(text.replace(old, new, 1).encode()), dtype=torch.uint8)
 
     return edit_tensors(touch)
 
@@ -121,8 +136,15 @@ BROKEN = {
         edit_state(lambda d: d.update(units=[f"bert.encoder.layer.{i}" for i in range(5)], frozen={})),
         (ValueError,), ["bert.encoder.layer.4", "units"]),
     "state-newer-format": (
-        edit_state(lambda d: d.update(format_version=2)), (ValueError,), ["2", "upgrade peft_safe"]
+        edit_state(lambda d: d.update(format_version=3)), (ValueError,), ["3", "upgrade peft_safe"]
     ),
+    # issue 13.2: the freeze state itself had no checksum, so another unit frozen loaded silently
+    "state-other-unit-frozen": (
+        replace_in_state('"frozen": {"bert.encoder.layer.0"', '"frozen": {"bert.encoder.layer.1"'),
+        (ValueError,), ["checksum", "corrupt"]),
+    "state-seal-removed": (
+        edit_state(lambda d: d["integrity"].pop("state_sha256"), reseal=False), (ValueError,), ["checksum"]),
+    "state-integrity-removed": (edit_state(lambda d: d.pop("integrity"), reseal=False), (ValueError,), ["corrupt"]),
     "state-integrity-malformed": (edit_state(lambda d: d.update(integrity=[1, 2])), (ValueError,), ["integrity"]),
     "state-missing": (edit_tensors(lambda t: t.pop(FREEZE_STATE_KEY)), (ValueError,), ["no SAFE freeze state"]),
     "weights-missing": (remove(WEIGHTS), (Exception,), []),
@@ -193,11 +215,19 @@ def test_fields_peft_changes_on_its_own_do_not_count_as_a_mismatch(saved, tiny, 
 
 
 def test_checkpoint_without_an_integrity_record_still_loads(saved, tiny, tmp_path):
-    # checkpoints written before the record existed
+    # checkpoints written before the record existed (format 1)
     path = copy_checkpoint(saved["path"], tmp_path / "ckpt")
-    edit_state(lambda d: d.pop("integrity"))(path)
+    edit_state(lambda d: (d.pop("integrity"), d.update(format_version=1)))(path)
     model = PeftModel.from_pretrained(tiny.bert(layers=LAYERS), path, is_trainable=True)
-    assert model.base_model.freeze_state.to_dict() == saved["state"]
+    assert model.base_model.freeze_state.to_dict() == {**saved["state"], "format_version": 1}
+
+
+def test_format_one_checkpoint_with_an_unsealed_integrity_record_still_loads(saved, tiny, tmp_path):
+    # written by 0.2 before the state was sealed: the record checks the config and the tensors, not the state
+    path = copy_checkpoint(saved["path"], tmp_path / "ckpt")
+    edit_state(lambda d: (d["integrity"].pop("state_sha256"), d.update(format_version=1)), reseal=False)(path)
+    model = PeftModel.from_pretrained(tiny.bert(layers=LAYERS), path, is_trainable=True)
+    assert model.base_model.frozen_units == ["bert.encoder.layer.0"]
 
 
 def test_weights_file_records_the_config_and_every_adapter_tensor(saved):
@@ -298,3 +328,22 @@ def test_stale_safetensors_next_to_a_newer_bin_save_are_refused(tiny, tmp_path):
     make_model(tiny, tau=0.5).save_pretrained(tmp_path, safe_serialization=False)
     with pytest.raises(ValueError, match="tau"):
         PeftModel.from_pretrained(tiny.bert(layers=LAYERS), tmp_path, is_trainable=True)
+
+
+def test_random_bit_flips_in_the_freeze_state_never_load(saved):
+    # issue 13.2: 8 of 60 random bit flips in the freeze-state tensor loaded silently
+    model = saved["model"]
+    safe = model.base_model
+    tensors = load_file(saved["path"] / WEIGHTS)
+    payload = tensors.pop(FREEZE_STATE_KEY)
+    config = safe.peft_config["default"]
+    units = safe.adapter_units
+    decode_payload(payload, config, tensors, units)  # the intact payload loads
+    generator = torch.Generator().manual_seed(13)
+    for _ in range(200):
+        position = int(torch.randint(0, payload.numel(), (1,), generator=generator))
+        bit = int(torch.randint(0, 8, (1,), generator=generator))
+        damaged = payload.clone()
+        damaged[position] ^= 1 << bit
+        with pytest.raises(ValueError):
+            decode_payload(damaged, config, tensors, units)

@@ -274,3 +274,34 @@ def test_a_config_saved_with_the_old_names_loads_onto_the_new_ones(tmp_path):
         loaded = PeftConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, SAFEConfig)
     assert (loaded.final_freeze_time, loaded.warmup_cap) == (7, 3)
+
+
+def test_numpy_and_torch_scalars_are_accepted_as_the_numbers_they_hold():
+    # issue 13.17: "tau must be a finite number, got np.float32(0.3)"
+    import numpy as np
+    import torch
+
+    config = SAFEConfig(adapter_config=lora(), tau=np.float32(0.5), final_freeze_time=torch.tensor(4),
+                        probe_tokens=np.int64(64), seed=torch.tensor(3))
+    assert (config.tau, config.final_freeze_time, config.probe_tokens, config.seed) == (0.5, 4, 64, 3)
+    assert all(type(v) in (int, float) for v in (config.tau, config.final_freeze_time, config.probe_tokens))
+    config.tau = torch.tensor(0.25)
+    assert config.tau == 0.25 and type(config.tau) is float
+    for bad in (np.bool_(True), torch.tensor([0.1, 0.2]), np.float64("nan")):
+        with pytest.raises(ValueError, match="tau"):
+            config.tau = bad
+    assert config.tau == 0.25
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("tau", 3), ("final_freeze_time", -1), ("warmup_rule", "paper"), ("probe_tokens", 1), ("seed", -2),
+     ("scoring_interval", 0), ("warmup_cap", 99), ("importance_scale", "log")],
+)
+def test_assignment_after_construction_is_validated_and_a_refused_value_is_not_kept(name, value):
+    # issue 13.3: the docs' way to change hyper-parameters after loading was not checked
+    config = SAFEConfig(adapter_config=lora())
+    before = getattr(config, name)
+    with pytest.raises(ValueError, match=name):
+        setattr(config, name, value)
+    assert getattr(config, name) == before

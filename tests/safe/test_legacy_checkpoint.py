@@ -26,6 +26,7 @@ STATE_KEY = "base_model.safe_freeze_state"
 def _freeze_state(tensors: dict[str, torch.Tensor]) -> dict:
     record = json.loads(bytes(tensors[STATE_KEY].tolist()).decode("utf-8"))
     record.pop("integrity")  # digests of the same tensors; compared through the tensors themselves
+    record.pop("format_version")  # 2 since the integrity record seals the state (the state's layout is the same)
     return record
 
 

@@ -408,7 +408,8 @@ def test_freezing_middle_units_saves_much_less_than_bottom_units(tiny, memory_ba
 # ---------------------------------------------------------------------------------------------- schedule
 def test_update_and_freeze_freezes_units_below_the_threshold(tiny):
     # raw scale, tau at its maximum, warm-up capped at t=1 and t_f=2: at t=2 the threshold is tau = 1,
-    # so every unit (raw score < 1) freezes; at t=1 the threshold is 0 and nothing freezes.
+    # so every unit (raw score < 1) lies below it and all but the top of the prefix freeze (one unit always
+    # trains); at t=1 the threshold is 0 and nothing freezes.
     model = tiny.safe("bert", layers=3, tau=1.0, final_freeze_time=2, warmup_cap=1, importance_scale="raw")
     safe = model.base_model
     batches = [tiny.batch()]
@@ -416,9 +417,117 @@ def test_update_and_freeze_freezes_units_below_the_threshold(tiny):
     assert safe.update_and_freeze(1, batches) == []
     assert safe.freeze_state.warmup_end == 1
     newly = safe.update_and_freeze(2, batches)
-    assert newly == safe.adapter_units
-    assert safe.frozen_units == safe.adapter_units
-    assert not any(p.requires_grad for p in tiny.adapter_params(model).values())
+    assert newly == safe.adapter_units[:-1]
+    assert safe.frozen_units == safe.adapter_units[:-1]
+    top = safe.adapter_units[-1]
+    assert all(p.requires_grad == tiny.in_unit(n, top) for n, p in tiny.adapter_params(model).items())
+
+
+def test_untrained_adapters_scoring_zero_neither_end_warmup_nor_freeze(tiny):
+    # issue 13.1: LoRA's B = 0 scores every unit exactly 0; 0 == 0 used to count as "settled" and the next
+    # scoring froze every unit.
+    model = tiny.safe("bert", layers=3, lora=tiny.lora(init_lora_weights=True), final_freeze_time=4)
+    safe = model.base_model
+    for t in (1, 2, 3):
+        with pytest.warns(RuntimeWarning, match="every unit scored 0"):
+            assert safe.update_and_freeze(t, [tiny.batch()]) == []
+    assert safe.freeze_state.warmup_end is None  # not even the warm-up cap (t=2) ends it on such scores
+    assert safe.frozen_units == []
+    assert [h["t"] for h in safe.freeze_state.history] == [1, 2, 3]
+
+
+def test_scoring_twice_at_the_same_time_is_refused_and_changes_nothing(tiny):
+    # issue 13.4: two identical score vectors ended warm-up at once
+    safe = tiny.safe("bert", layers=3).base_model
+    safe.update_and_freeze(1, [tiny.batch()])
+    before = safe.freeze_state.to_dict()
+    with pytest.raises(ValueError, match="previous scoring"):
+        safe.update_and_freeze(1, [tiny.batch()])
+    assert safe.freeze_state.to_dict() == before
+    assert safe.freeze_state.warmup_end is None
+
+
+@pytest.mark.parametrize("value", [3, -1, 0, float("nan"), "0.3"])
+def test_hyper_parameter_changed_in_place_is_checked_on_assignment(tiny, value):
+    # issue 13.3: model.peft_config["default"].tau = 3 was accepted and froze every unit at the next scoring;
+    # tau = -1 raised only after the history had moved.
+    model = tiny.safe("bert", layers=3)
+    safe = model.base_model
+    safe.update_and_freeze(1, [tiny.batch()])
+    before = safe.freeze_state.to_dict()
+    with pytest.raises(ValueError, match="tau"):
+        model.peft_config["default"].tau = value
+    assert model.peft_config["default"].tau == 0.3
+    safe.safe_config.__dict__["tau"] = value  # even a value slipped past the setter is refused before scoring
+    with pytest.raises(ValueError, match="tau"):
+        safe.update_and_freeze(2, [tiny.batch()])
+    assert safe.freeze_state.to_dict() == before
+
+
+def test_hyper_parameter_changed_in_place_to_a_valid_value_is_used(tiny):
+    model = tiny.safe("bert", layers=3)
+    model.peft_config["default"].tau = 0.6
+    assert model.base_model.schedule.tau == 0.6
+
+
+@pytest.mark.parametrize("how", ["merge_and_unload", "unload"])
+def test_scoring_freezing_and_saving_after_the_adapters_are_gone_are_refused(tiny, tmp_path, how):
+    # issues 13.7 and 13.15: update_and_freeze recorded an empty scoring, freeze said "0 units", and
+    # save_pretrained over a good checkpoint wrote a weights file holding only the freeze state.
+    model = tiny.safe("bert", layers=3)
+    model.save_pretrained(tmp_path)
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "README.md"}
+    safe = model.base_model
+    getattr(model, how)()
+    before = safe.freeze_state.to_dict()
+    for call in (
+        lambda: safe.update_and_freeze(1, [tiny.batch()]),
+        lambda: safe.freeze([0]),
+        lambda: safe.compute_importance([tiny.batch()]),
+        lambda: model.save_pretrained(tmp_path),
+        lambda: model.save_pretrained(tmp_path, safe_serialization=False),
+    ):
+        with pytest.raises(ValueError, match=r"no longer in the model \(merge_and_unload\(\) or unload\(\)"):
+            call()
+    assert safe.freeze_state.to_dict() == before
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "README.md"} == files
+    reloaded = PeftModel.from_pretrained(tiny.bert(layers=3), tmp_path)  # the good checkpoint still loads
+    assert reloaded.base_model.adapter_units == [f"bert.encoder.layer.{i}" for i in range(3)]
+
+
+def test_freeze_names_each_unit_once(tiny):
+    # issue 13.12: the same unit by index and by name was reported three times as newly frozen
+    safe = tiny.safe("bert", layers=3).base_model
+    assert safe.freeze([0, "bert.encoder.layer.0", 0]) == ["bert.encoder.layer.0"]
+    assert safe.frozen_units == ["bert.encoder.layer.0"]
+
+
+@pytest.mark.parametrize("at", ["yesterday", float("nan"), float("inf"), -1, True])
+def test_freeze_refuses_a_bad_time_and_the_checkpoint_stays_loadable(tiny, tmp_path, at):
+    # issue 13.14: at="yesterday" saved fine and every later load was refused; NaN broke save_pretrained.
+    model = tiny.safe("bert", layers=3)
+    with pytest.raises(ValueError, match="freeze time at"):
+        model.base_model.freeze([0], at=at)
+    assert model.base_model.frozen_units == []
+    model.base_model.freeze([0], at=2)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny.bert(layers=3), tmp_path, is_trainable=True)
+    assert reloaded.base_model.freeze_state.frozen == {"bert.encoder.layer.0": 2}
+
+
+def test_numpy_and_torch_scalars_are_numbers_and_indices(tiny, tmp_path):
+    # issue 13.17: freeze([np.int64(1)]) said "unknown adapter unit np.int64(1)"
+    import numpy as np
+
+    model = tiny.safe("bert", layers=3)
+    safe = model.base_model
+    assert safe.freeze([np.int64(1)], at=np.float32(0.5)) == ["bert.encoder.layer.1"]
+    assert safe.freeze(torch.tensor(0)) == ["bert.encoder.layer.0"]
+    safe.update_and_freeze(np.int64(1), [tiny.batch()])
+    safe.update_and_freeze(torch.tensor(2.0), [tiny.batch()])
+    assert [h["t"] for h in safe.freeze_state.history] == [1, 2.0]
+    assert all(type(h["t"]) in (int, float) for h in safe.freeze_state.history)
+    model.save_pretrained(tmp_path)  # the state is plain JSON
 
 
 def test_deepcopy_gives_an_independent_safe_model(tiny):
@@ -434,3 +543,67 @@ def test_deepcopy_gives_an_independent_safe_model(tiny):
     assert model.base_model.frozen_units == ["model.layers.0", "model.layers.1"]
     assert model.base_model.backprop_cut_block == "model.layers.2"
     assert clone.base_model.backprop_cut_block == "model.layers.3"
+
+
+# ---------------------------------------------------------------------------------------------- issue 13.8, 13.9
+def test_units_outside_the_blocks_are_never_scored_nor_frozen_by_the_schedule(tiny):
+    # issue 13.8: BitFit's embeddings.LayerNorm and pooler.dense units scored 0 (CKA cannot see a bias shift)
+    # and froze first, even though the pooler feeds the classifier.
+    from peft_safe import BitFitConfig
+
+    model = get_peft_model(tiny.bert(layers=3), SAFEConfig(
+        adapter_config=BitFitConfig(task_type="SEQ_CLS"), task_type="SEQ_CLS", tau=1.0, final_freeze_time=2,
+        warmup_cap=1, importance_scale="raw"))
+    safe = model.base_model
+    outside = [u for u in safe.adapter_units if not u.startswith("bert.encoder.layer.")]
+    assert outside, safe.adapter_units  # BitFit's defaults reach outside the blocks
+    with torch.no_grad():  # biases that move the logits
+        for name, param in model.named_parameters():
+            if "bitfit" in name:
+                param.add_(torch.randn_like(param))
+    for t in (0, 1, 2):
+        safe.update_and_freeze(t, [tiny.batch()])
+    assert all(set(h["scores"]) == {f"bert.encoder.layer.{i}" for i in range(3)} for h in safe.freeze_state.history)
+    assert not set(outside) & set(safe.frozen_units)
+    assert safe.frozen_units == ["bert.encoder.layer.0", "bert.encoder.layer.1"]  # one block keeps training
+    for unit in outside:
+        assert all(p.requires_grad for n, p in model.named_parameters() if tiny.in_unit(n, unit) and "bitfit" in n)
+    assert safe.freeze(outside) == outside  # by hand it still freezes
+
+
+def _seq2seq(kind: str):
+    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    if kind == "t5":
+        base = T5ForConditionalGeneration(T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                   num_heads=2, decoder_start_token_id=0))
+        return base, ["q", "v"], "encoder.block", "decoder.block"
+    base = BartForConditionalGeneration(BartConfig(
+        vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64))
+    return base, ["q_proj", "v_proj"], "model.encoder.layers", "model.decoder.layers"
+
+
+@pytest.mark.parametrize("site", ["adapter_output", "block_output"])
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_encoder_decoder_models_get_one_unit_per_block_on_both_stacks(tiny, kind, site):
+    # issue 13.9: the encoder's q and v became one unit each while the decoder was per block
+    base, targets, encoder, decoder = _seq2seq(kind)
+    lora = LoraConfig(r=4, target_modules=targets, init_lora_weights=False)
+    model = get_peft_model(base, SAFEConfig(adapter_config=lora, task_type="SEQ_2_SEQ_LM", scoring_site=site,
+                                            tau=1.0, final_freeze_time=2, warmup_cap=1, importance_scale="raw"))
+    safe = model.base_model
+    units = [f"{encoder}.0", f"{encoder}.1", f"{decoder}.0", f"{decoder}.1"]
+    assert safe.adapter_units == units
+    ids = tiny.ids(batch=4, seq=8)
+    probe = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "decoder_input_ids": ids}]
+    for t in (0, 1, 2):
+        safe.update_and_freeze(t, probe)
+    assert set(safe.raw_importance) == set(units)
+    assert all(0 <= score <= 1 for score in safe.raw_importance.values())
+    assert safe.frozen_units == units[:3]  # a bottom prefix, encoder first; the top decoder block trains
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if tiny.in_unit(n, units[0]))
+    assert any(p.grad is not None for n, p in model.named_parameters() if tiny.in_unit(n, units[3]))

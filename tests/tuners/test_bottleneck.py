@@ -374,6 +374,21 @@ def test_bad_config_values_raise(kwargs, message):
         BottleneckConfig(**kwargs)
 
 
+@pytest.mark.parametrize(("factor", "width"), [(1e-6, "32,000,000"), (0.01, "3,200"), (0.5, "64")])
+def test_reduction_factor_below_one_is_refused_naming_the_width_it_would_give(factor, width):
+    # issue 13.18: 1e-6 built a 32-million-wide bottleneck (OOM-killed at 22 GB); 0.01 silently gave 3199
+    with pytest.raises(ValueError, match="reduction_factor must be >= 1") as info:
+        HoulsbyConfig(reduction_factor=factor)
+    assert f"a {width}-wide bottleneck" in str(info.value)
+
+
+def test_bottleneck_wider_than_the_layer_is_refused():
+    with pytest.raises(ValueError, match="64 wide on a layer with 32 features"):
+        get_peft_model(make_model("bert"), HoulsbyConfig(bottleneck_size=64))
+    layer = get_peft_model(make_model("bert"), HoulsbyConfig(bottleneck_size=32, reduction_factor=1))
+    assert layer.base_model.model.encoder.layer[0].output.dense.bottleneck_down["default"].weight.shape == (32, 32)
+
+
 def test_preset_contradicting_the_class_raises():
     with pytest.raises(ValueError, match="HoulsbyConfig has preset 'houlsby'"):
         HoulsbyConfig(preset="pfeiffer")

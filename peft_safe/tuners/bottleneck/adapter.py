@@ -30,10 +30,17 @@ def bottleneck_width(features: int, reduction_factor: float, bottleneck_size: in
         features: width of the hidden state the adapter reads and writes.
         reduction_factor: ratio of ``features`` to the bottleneck width.
         bottleneck_size: explicit width; overrides ``reduction_factor``.
+
+    Raises:
+        ValueError: if the width exceeds ``features``.
     """
-    if bottleneck_size is not None:
-        return bottleneck_size
-    return max(1, int(features // reduction_factor))
+    width = bottleneck_size if bottleneck_size is not None else max(1, int(features // reduction_factor))
+    if width > features:
+        raise ValueError(
+            f"the bottleneck would be {width} wide on a layer with {features} features; it must be at most "
+            f"{features} (it compresses the hidden state): lower bottleneck_size or raise reduction_factor."
+        )
+    return width
 
 
 def make_projections(features: int, width: int, init_weights: bool) -> tuple[nn.Linear, nn.Linear]:

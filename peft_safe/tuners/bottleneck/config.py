@@ -117,8 +117,13 @@ class BottleneckConfig(PeftConfig):
             raise ValueError(f"non_linearity must be one of {sorted(ACTIVATIONS)}, got {self.non_linearity!r}.")
         if not _is_number(self.reduction_factor) or not math.isfinite(self.reduction_factor):
             raise ValueError(f"reduction_factor must be a finite number, got {self.reduction_factor!r}.")
-        if self.reduction_factor <= 0:
-            raise ValueError(f"reduction_factor must be > 0 (e.g. 16), got {self.reduction_factor!r}.")
+        if self.reduction_factor < 1:
+            raise ValueError(
+                f"reduction_factor must be >= 1 (e.g. 16), got {self.reduction_factor!r}: the bottleneck is "
+                "hidden size / reduction_factor wide, so below 1 it is wider than the hidden state it compresses "
+                f"(a 32-wide model would get {bottleneck_example(self.reduction_factor)}). For an explicit width, set "
+                "bottleneck_size."
+            )
         if self.bottleneck_size is not None and (
             not isinstance(self.bottleneck_size, int) or isinstance(self.bottleneck_size, bool)
         ):
@@ -161,6 +166,11 @@ class PfeifferConfig(BottleneckConfig):
 
 _PRESET_CLASSES: dict[str, type[BottleneckConfig]] = {"houlsby": HoulsbyConfig, "pfeiffer": PfeifferConfig}
 _CLASS_PRESETS: dict[type, str] = {cls: preset for preset, cls in _PRESET_CLASSES.items()}
+
+
+def bottleneck_example(reduction_factor: float) -> str:
+    """The width ``reduction_factor`` gives a 32-wide hidden state, for error messages."""
+    return f"a {32 / reduction_factor:,.0f}-wide bottleneck" if reduction_factor > 0 else "no bottleneck at all"
 
 
 def _is_number(value: Any) -> bool:

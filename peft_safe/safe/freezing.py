@@ -1,0 +1,131 @@
+"""What keeps frozen units frozen: the freeze state applied to ``requires_grad``, and peft's setters overridden.
+
+peft turns ``requires_grad`` back on in several places (``set_adapter``, ``enable_adapter_layers``,
+``set_requires_grad``, marking adapters trainable on injection); each is overridden here to re-apply the freeze
+state afterwards, and the backprop cut (:mod:`.truncation`) follows the frozen set. :class:`FrozenUnitsMixin` is
+a base of :class:`~peft_safe.safe.model.SAFEModel`, before the wrapped tuner in the method order, so ``super()``
+reaches the wrapped tuner's own methods.
+
+Imports: torch, and of this package ``core.state`` and the ``safe`` siblings ``optimizer`` and ``units``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.state import FreezeState
+from .optimizer import drop_from_optimizer
+from .units import unit_parameters
+
+__all__ = ["FrozenUnitsMixin", "check_something_trains"]
+
+
+def check_something_trains(model: nn.Module, leaving: list[nn.Parameter]) -> None:
+    """Refuse to freeze ``leaving`` when they are the last parameters of ``model`` that train.
+
+    Raises:
+        ValueError: saying why (the next backward would fail) and what to do instead.
+    """
+    ids = {id(param) for param in leaving}
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    if trainable and all(id(param) in ids for param in trainable):
+        raise ValueError(
+            "freezing these units would leave no parameter of the model trainable, and the next backward would "
+            "fail with 'element 0 of tensors does not require grad'. Keep at least one unit trainable (SAFE's "
+            "schedule always does), or end training instead of freezing the rest. Nothing was frozen."
+        )
+
+
+class FrozenUnitsMixin:
+    """The part of the SAFE tuner that applies the freeze state (mixed into :class:`SAFEModel`)."""
+
+    _freeze_states: dict[str, FreezeState]
+    _backprop_cut: Any
+
+    def _replace_freeze_state(self, adapter_name: str, state: FreezeState) -> None:
+        # Units the old state froze that the new one trains become trainable again (unless the adapter is
+        # loaded for inference, where nothing trains).
+        previous = self._freeze_states.get(adapter_name)
+        self._freeze_states[adapter_name] = state
+        if previous is not None and not getattr(self.peft_config.get(adapter_name), "inference_mode", True):
+            for unit in self._units(adapter_name):
+                if unit.name in previous.frozen and unit.name not in state.frozen:
+                    for param in unit_parameters(unit, adapter_name):
+                        param.requires_grad_(True)
+        self._apply_freeze_state()
+
+    def _apply_freeze_state(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        frozen_params = []
+        for adapter_name, state in self._freeze_states.items():
+            if not state.frozen:
+                continue
+            for unit in self._units(adapter_name):
+                if unit.name in state.frozen:
+                    frozen_params.extend(unit_parameters(unit, adapter_name))
+        for param in frozen_params:
+            param.requires_grad_(False)
+            param.grad = None
+        if optimizer is not None and frozen_params:
+            drop_from_optimizer(optimizer, frozen_params)
+        self._update_backprop_cut()
+
+    def _update_backprop_cut(self) -> None:
+        # Backprop stops at the lowest trainable block even when an input-require-grads hook (k-bit preparation,
+        # gradient checkpointing) keeps the chain below alive; see truncation.py.
+        state = self._freeze_states.get(self.active_adapters[0]) if self.active_adapters else None
+        if state is None or not state.frozen:
+            self._backprop_cut.remove()
+        else:
+            self._backprop_cut.update(self.model, self._units(), state.frozen)
+
+    @property
+    def backprop_cut_block(self) -> str | None:
+        """The block whose input SAFE detaches so that backprop stops there; ``None`` when there is no cut."""
+        return self._backprop_cut.block_name
+
+    @contextlib.contextmanager
+    def without_backprop_cut(self) -> Iterator[None]:
+        """Run the model without SAFE's backprop cut, to measure what the cut saves (docs/qlora.md).
+
+        Inside, backprop below the lowest trainable block runs as it would without SAFE (an input-require-grads
+        hook keeps the frozen blocks on the backward path); the cut returns on exit, under the freeze state then.
+
+        Example:
+            >>> with safe.without_backprop_cut():
+            ...     loss = model(**batch).loss; loss.backward()   # the frozen bottom blocks are backpropagated
+        """
+        self._backprop_cut.remove()
+        try:
+            yield
+        finally:
+            self._update_backprop_cut()
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        super()._mark_only_adapters_as_trainable(model)
+        self._apply_freeze_state()
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        self._apply_freeze_state()
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        super()._enable_adapter_layers(enabled)
+        self._apply_freeze_state()
+
+    def enable_adapter_layers(self) -> None:
+        super().enable_adapter_layers()
+        self._apply_freeze_state()
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        self._apply_freeze_state()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._freeze_states.pop(adapter_name, None)
+
