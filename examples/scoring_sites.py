@@ -65,12 +65,12 @@ def main(argv: list[str] | None = None) -> None:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if step % args.score_every == 0:
-                record = {"step": step, "loss": float(loss), "scores": {}}
+                record = {"step": step, "loss": float(loss.detach()), "scores": {}}
                 for site in SCORING_SITES:
                     safe.safe_config.scoring_site = site
                     record["scores"][site] = safe.compute_importance(probe)
                 records.append(record)
-                print(f"step {step}: loss {float(loss):.3f}", flush=True)
+                print(f"step {step}: loss {record['loss']:.3f}", flush=True)
             if step >= total:
                 break
     units = safe.adapter_units
