@@ -2,8 +2,10 @@
 
 A thin shell over :meth:`SAFEModel.update_and_freeze`: it builds the probe batches once, calls the tuner
 at every scoring time (epoch ends or every N optimizer steps, as the SAFEConfig says) with the Trainer's
-optimizer, and records importance and frozen units in the Trainer's log history. All schedule state lives in
-the tuner and is saved with the adapter, so ``trainer.train(resume_from_checkpoint=...)`` continues exactly.
+optimizer, and logs importance and frozen units through ``Trainer.log`` (so every ``report_to`` integration and
+the printed log lines get the ``safe/*`` keys). With it in the Trainer, SAFE's automatic schedule stands down.
+All schedule state lives in the tuner and is saved with the adapter, so
+``trainer.train(resume_from_checkpoint=...)`` continues exactly.
 """
 
 from __future__ import annotations
@@ -12,12 +14,15 @@ import inspect
 import logging
 import math
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..reporting import find_trainer, follow_transformers_verbosity, log_to_trainer
 from ..safe.distributed import check_trainer_ddp
+from ..safe.driver import progress_record
 from ..safe.model import SAFEModel, find_safe_model
 from ..safe.scoring import check_probe_batch
 
@@ -77,6 +82,7 @@ class SAFECallback(TrainerCallback):
         self.batch_size = batch_size
         self.data_collator = data_collator
         self._probe_batches: list[Any] | None = None
+        self._trainer: Any = None
         self.scorings: list[dict[str, Any]] = []
 
     @classmethod
@@ -90,7 +96,9 @@ class SAFECallback(TrainerCallback):
             raise ValueError("SAFECallback.for_trainer needs trainer.eval_dataset for its probe set; pass one.")
         subset = _take(trainer.eval_dataset, probe_size)
         batches = list(trainer.get_eval_dataloader(subset))
-        return cls(probe_dataset=batches, probe_size=probe_size)
+        callback = cls(probe_dataset=batches, probe_size=probe_size)
+        callback._trainer = weakref.ref(trainer)
+        return callback
 
     # ------------------------------------------------------------------ probe set
     def _build_probe_batches(self, model: Any, processing_class: Any) -> list[Any]:
@@ -133,6 +141,11 @@ class SAFECallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         safe = self._safe(kwargs["model"])
         check_trainer_ddp(args.world_size, args.ddp_find_unused_parameters)
+        safe.auto_driver.stand_down("SAFECallback drives the schedule")
+        follow_transformers_verbosity()
+        trainer = find_trainer(holding=self)
+        if trainer is not None:
+            self._trainer = weakref.ref(trainer)
         config = safe.safe_config
         if config.schedule_unit == "epoch" and not float(config.scoring_interval).is_integer():
             raise ValueError(
@@ -207,17 +220,13 @@ class SAFECallback(TrainerCallback):
         if self._probe_batches is None:
             raise RuntimeError("SAFECallback.on_train_begin was not called; add the callback before train().")
         newly = safe.update_and_freeze(t, self._probe_batches, optimizer=optimizer)
-        record = {
-            "step": state.global_step,
-            "epoch": state.epoch,
-            "safe/t": t,
-            "safe/threshold": safe.threshold(t),
-            "safe/frozen_units": len(safe.frozen_units),
-            "safe/newly_frozen": ",".join(newly),
-            **{f"safe/importance/{name}": score for name, score in safe.importance.items()},
-        }
-        self.scorings.append(record)
-        state.log_history.append(record)
+        record = progress_record(safe, t, newly)
+        self.scorings.append({"step": state.global_step, "epoch": state.epoch, **record})
+        trainer = self._trainer() if self._trainer is not None else None
+        if trainer is not None:  # Trainer.log: log_history, the printed lines and every report_to integration
+            log_to_trainer(trainer, record)
+        else:
+            state.log_history.append(self.scorings[-1])
         logger.info("SAFE t=%s frozen %d/%d units%s", t, len(safe.frozen_units), len(safe.adapter_units),
                     f" (new: {newly})" if newly else "")
 
