@@ -37,6 +37,7 @@ from .driver import AutoDriver
 from .freezing import FrozenUnitsMixin, check_something_trains
 from .optimizer import check_optimizer
 from .scoring import compute_importance
+from .state_dict import install_state_dict_hooks
 from .truncation import BackpropCut
 from .units import (
     AdapterUnit,
@@ -132,6 +133,7 @@ class SAFEModel(FrozenUnitsMixin, BaseTuner):
         self._backprop_cut = BackpropCut()
         super().__init__(model, config, adapter_name, **kwargs)
         self.auto_driver = AutoDriver(self)  # drives the schedule while nothing else does (see driver.py)
+        install_state_dict_hooks(self)  # the freeze state travels in model.state_dict() too (see state_dict.py)
 
     # ------------------------------------------------------------------ config plumbing
     def _prepare_adapter_config(self, peft_config: Any, model_config: dict) -> Any:
