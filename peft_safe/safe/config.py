@@ -21,6 +21,7 @@ from ..core.cka import SCORING_SITES
 from ..core.policy import SchedulePolicy, as_number
 from ..core.schedule import DEFAULT_WARMUP_TOLERANCE, FREEZE_ORDERS, SCORE_SCALES, WARMUP_RULES
 from .config_fields import with_adapter_fields, wrapped_name
+from .model_card import add_safe_section
 
 SCHEDULE_UNITS = ("epoch", "step")
 
@@ -359,6 +360,11 @@ class SAFEConfig(PeftConfig):
         except ValueError:
             object.__setattr__(self, name, old)
             raise
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Write ``adapter_config.json``; peft's model card beside it gets a SAFE section (:mod:`.model_card`)."""
+        super().save_pretrained(save_directory, **kwargs)
+        add_safe_section(save_directory, self.adapter_peft_type)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "adapter_config"}
