@@ -19,7 +19,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["find_trainer", "follow_transformers_verbosity", "log_to_trainer"]
+__all__ = ["find_on_stack", "find_trainer", "follow_transformers_verbosity", "log_to_trainer"]
 
 _PACKAGE_LOGGER = "peft_safe"
 
@@ -28,6 +28,19 @@ def _base_trainer_class(obj: Any) -> type | None:
     for cls in type(obj).__mro__:
         if cls.__name__ == "Trainer" and cls.__module__ == "transformers.trainer":
             return cls
+    return None
+
+
+def find_on_stack(predicate: Any, max_depth: int = 60, skip: int = 1) -> Any:
+    """The first ``self`` of a frame above the caller's for which ``predicate(obj)`` holds, or ``None``."""
+    frame = sys._getframe(skip)
+    for _ in range(max_depth):
+        if frame is None:
+            return None
+        obj = frame.f_locals.get("self")
+        if obj is not None and predicate(obj):
+            return obj
+        frame = frame.f_back
     return None
 
 
@@ -41,17 +54,13 @@ def find_trainer(holding: Any = None, max_depth: int = 60) -> Any:
         holding: when given, only a Trainer whose callback handler holds this callback is taken.
         max_depth: how many frames up to look.
     """
-    frame = sys._getframe(1)
-    for _ in range(max_depth):
-        if frame is None:
-            return None
-        obj = frame.f_locals.get("self")
-        if obj is not None and _base_trainer_class(obj) is not None:
-            handler = getattr(obj, "callback_handler", None)
-            if holding is None or any(cb is holding for cb in getattr(handler, "callbacks", ())):
-                return obj
-        frame = frame.f_back
-    return None
+    def running(obj: Any) -> bool:
+        if _base_trainer_class(obj) is None:
+            return False
+        handler = getattr(obj, "callback_handler", None)
+        return holding is None or any(cb is holding for cb in getattr(handler, "callbacks", ()))
+
+    return find_on_stack(running, max_depth, skip=2)
 
 
 def log_to_trainer(trainer: Any, record: Mapping[str, Any]) -> None:

@@ -17,8 +17,9 @@ continue), or the completed epoch of the running transformers Trainer (``"epoch"
 the step hook, lets a ``SAFECallback`` (``on_step_end``) or a loop that calls ``update_and_freeze`` right after
 ``optimizer.step()`` come first; the driver stands down for good once either has acted (``update_and_freeze``
 called by anyone else, or ``SAFECallback`` starting). Under ``torch.distributed`` every rank acts at the same step
-and ``update_and_freeze`` makes the ranks agree. What it cannot drive (``"epoch"`` outside a Trainer) is a warning
-at the first training step, naming the fix.
+and ``update_and_freeze`` makes the ranks agree. What it cannot drive (``"epoch"`` outside a Trainer; DDP without
+``find_unused_parameters=True``, which would hang once a unit froze) is a warning at the first training step,
+naming the fix, and the driver stands down.
 
 Imports: torch, and of this package ``reporting`` (the Trainer's logging path), ``safe.distributed``, ``safe.units``.
 """
@@ -33,10 +34,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ..reporting import find_trainer, follow_transformers_verbosity, log_to_trainer
-from .distributed import check_trainer_ddp
+from ..reporting import find_on_stack, find_trainer, follow_transformers_verbosity, log_to_trainer
+from .distributed import check_ddp, check_trainer_ddp
 from .units import unit_parameters
 
 __all__ = ["MAX_PROBE_BATCHES", "AutoDriver", "progress_record"]
@@ -151,8 +153,14 @@ class AutoDriver:
         follow_transformers_verbosity()
         safe = self._safe_ref()
         config = safe.safe_config
-        if trainer is not None:
-            check_trainer_ddp(trainer.args.world_size, trainer.args.ddp_find_unused_parameters)
+        try:  # DDP waits forever for the gradients of frozen units unless told they may be unused
+            if trainer is not None:
+                check_trainer_ddp(trainer.args.world_size, trainer.args.ddp_find_unused_parameters)
+            check_ddp(find_on_stack(lambda obj: isinstance(obj, DistributedDataParallel)))
+        except ValueError as err:
+            warnings.warn(f"SAFE will not freeze units by itself here: {err}", UserWarning, stacklevel=4)
+            self.stand_down("DistributedDataParallel without find_unused_parameters=True")
+            return
         if config.schedule_unit == "epoch" and trainer is None:
             message = (
                 "SAFE cannot drive schedule_unit='epoch' by itself here: outside a transformers Trainer it does not "

@@ -37,7 +37,7 @@ from .driver import AutoDriver
 from .freezing import FrozenUnitsMixin, check_something_trains
 from .optimizer import check_optimizer
 from .scoring import compute_importance
-from .state_dict import install_state_dict_hooks
+from .state_dict import extra_state, install_state_dict_hooks, load_extra_state
 from .truncation import BackpropCut
 from .units import (
     AdapterUnit,
@@ -344,6 +344,14 @@ class SAFEModel(FrozenUnitsMixin, BaseTuner):
             state.frozen[name] = at if at is not None else state.last_scored
         self._apply_freeze_state(optimizer)
         return newly
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The freeze states and step count, as ``model.state_dict()`` carries them (:mod:`.state_dict`)."""
+        return extra_state(self)
+
+    def set_extra_state(self, state: Any) -> None:
+        """Apply a freeze state loaded by ``load_state_dict``, checked first (:mod:`.state_dict`)."""
+        load_extra_state(self, state)
 
     # ------------------------------------------------------------------ AdaLoRA's rank allocation
     def update_and_allocate(self, global_step: int) -> None:

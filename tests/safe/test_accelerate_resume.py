@@ -43,7 +43,7 @@ def test_the_freeze_state_and_the_step_count_round_trip_through_state_dict(tiny)
     model.base_model.freeze([0, 1])
     model.base_model.auto_driver.steps = 7
     state = model.state_dict()
-    assert "base_model.safe_freeze_state.default" in state and "base_model.safe_auto_steps" in state
+    assert state["base_model._extra_state"].dtype == torch.uint8  # torch's extra state: DCP and FSDP know the key
     fresh = tiny.safe("llama", layers=4)
     fresh.load_state_dict(state)  # strict: the SAFE keys are taken out before torch matches keys
     assert fresh.base_model.frozen_units == ["model.layers.0", "model.layers.1"]
@@ -57,6 +57,15 @@ def test_a_freeze_state_of_another_config_is_refused_and_the_old_one_kept(tiny):
     model.base_model.freeze([0])
     state = model.state_dict()
     other = tiny.safe("llama", layers=4, tau=0.9)  # another config: the sealed record names the difference
-    with pytest.raises(RuntimeError, match="SAFE freeze state of adapter 'default'.*tau"):
+    with pytest.raises(ValueError, match="SAFE freeze state of adapter 'default'.*tau"):
         other.load_state_dict(state)
     assert other.base_model.frozen_units == []
+
+
+def test_a_state_dict_saved_without_the_freeze_state_still_loads_strictly(tiny):
+    model = tiny.safe("llama", layers=4)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    fresh = tiny.safe("llama", layers=4)
+    fresh.base_model.freeze([0])
+    fresh.load_state_dict(state)  # strict
+    assert fresh.base_model.frozen_units == ["model.layers.0"]  # nothing to apply: the state is kept
