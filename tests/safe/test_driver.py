@@ -124,3 +124,24 @@ def test_copies_of_a_model_carry_their_own_driver(tiny):
         driver = copied.base_model.auto_driver
         assert driver._safe_ref() is copied.base_model and driver.steps == 1 and driver.probe == []
         assert driver.optimizer is None  # the original's optimizer does not train the copy
+
+
+def test_under_a_trainer_an_epoch_schedule_scores_at_epoch_ends(tiny, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny.safe("llama", layers=4, **{**STEP, "schedule_unit": "epoch", "scoring_interval": 1,
+                                             "final_freeze_time": 2, "warmup_cap": 1})
+    gen = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+            for ids in torch.randint(1, tiny.vocab, (12, 8), generator=gen)]
+    args = TrainingArguments(output_dir=str(tmp_path), num_train_epochs=3, per_device_train_batch_size=4,
+                             learning_rate=1e-2, save_strategy="no", report_to=[], use_cpu=True,
+                             dataloader_num_workers=0, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    trainer.train()
+    safe = model.base_model
+    # epochs 1 and 2 end; the driver acts at the first forward of the next epoch (no forward follows epoch 3)
+    assert [h["t"] for h in safe.freeze_state.history] == [1, 2]
+    assert safe.frozen_units
+    records = [e for e in trainer.state.log_history if "safe/t" in e]
+    assert [(r["safe/t"], r["step"]) for r in records] == [(1, 3), (2, 6)]
