@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from ._version import __version__
 from .core.state import FreezeState
 from .registry import register as _register
 from .safe.config import SAFEConfig
@@ -22,8 +23,6 @@ from .tuners.bitfit import BitFitConfig, BitFitModel
 from .tuners.bottleneck import BottleneckConfig, BottleneckModel, HoulsbyConfig, PfeifferConfig
 
 _register()
-
-__version__ = "0.2.0"
 
 # Public names whose modules import transformers' Trainer or touch torch's FLOP registry: loaded on first use.
 _LAZY = {

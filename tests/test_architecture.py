@@ -31,6 +31,7 @@ FORBIDDEN = {
     "peft_safe.measure": ("peft", "transformers", "peft_safe.safe", "peft_safe.tuners", "peft_safe.callbacks",
                           "peft_safe.bench", "peft_safe.plan", "peft_safe.registry"),
     "peft_safe.batch": ("peft", "transformers", "peft_safe."),
+    "peft_safe.reporting": ("torch", "peft", "transformers", "peft_safe."),
     "peft_safe._peft_types": ("transformers", "peft_safe."),
     "peft_safe.callbacks": ("peft_safe.bench", "peft_safe.plan"),
 }

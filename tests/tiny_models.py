@@ -69,3 +69,23 @@ def adapter_params(model: nn.Module, adapter: str = "default") -> dict[str, nn.P
                 for name, param in entry.named_parameters():
                     found[f"{module_name}.{attr}.{adapter}.{name}"] = param
     return found
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer over VOCAB ids (``<pad>`` 0, ``<unk>`` 1, ``<s>`` 2, ``</s>`` 3, words ``w4``...),
+    built in memory (no download), for TRL's trainers on the tiny LLaMA; :func:`tiny_texts` writes its text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3, **{f"w{i}": i for i in range(4, VOCAB)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def tiny_texts(n: int, words: int = 12, seed: int = 0) -> list[str]:
+    """``n`` random texts of ``words`` words of :func:`tiny_tokenizer`'s vocabulary."""
+    gen = torch.Generator().manual_seed(seed)
+    return [" ".join(f"w{i}" for i in torch.randint(4, VOCAB, (words,), generator=gen).tolist()) for _ in range(n)]

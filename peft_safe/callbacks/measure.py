@@ -3,19 +3,22 @@
 A thin shell over :class:`~peft_safe.measure.TrainingMeter`: each optimizer step is tracked from
 ``on_step_begin`` to ``on_step_end``, gradients are read in ``on_pre_optimizer_step`` (the Trainer zeroes them
 before ``on_step_end``) and the optimizer state in ``on_optimizer_step`` (before other callbacks may freeze
-units), and every measured step is appended to ``trainer.state.log_history`` as
-``{"step": ..., "memory/training_bytes": ..., ...}``, so memory can be seen falling as SAFE freezes units. The
-latest figures are also added (in MiB) to each log line the Trainer prints.
+units), and every measured step is logged through ``Trainer.log`` as ``{"memory/training_bytes": ..., ...}``
+(``step`` is the Trainer's global step once that step is done), so ``trainer.state.log_history``, the printed log
+lines and every ``report_to`` integration see memory falling as SAFE freezes units. The latest figures are also
+added (in MiB) to each loss line the Trainer prints.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..measure.memory import MIB
 from ..measure.meter import StepRecord, TrainingMeter, TrainingSummary, check_meter_options
+from ..reporting import find_trainer, follow_transformers_verbosity, log_to_trainer
 
 __all__ = ["MeasureCallback"]
 
@@ -52,6 +55,7 @@ class MeasureCallback(TrainerCallback):
         self.prefix = prefix
         self.meter: TrainingMeter | None = None
         self._latest: dict[str, float] = {}
+        self._trainer: Any = None
 
     def summary(self, after_step: int | None = None) -> TrainingSummary:
         """The run's :class:`~peft_safe.measure.TrainingSummary` (see :meth:`TrainingMeter.summary`).
@@ -70,6 +74,9 @@ class MeasureCallback(TrainerCallback):
         optimizer = getattr(optimizer, "optimizer", optimizer)
         if self.meter is not None:
             self.meter.close()
+        follow_transformers_verbosity()
+        trainer = find_trainer(holding=self)
+        self._trainer = weakref.ref(trainer) if trainer is not None else None
         self.meter = TrainingMeter(kwargs["model"], optimizer, measure_every=self.measure_every, flops=self.flops)
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
@@ -87,7 +94,11 @@ class MeasureCallback(TrainerCallback):
         if not record.measured and record.flops is None:
             return
         figures = self._log_entry(record)
-        state.log_history.append({"step": record.step, "epoch": state.epoch, **figures})
+        trainer = self._trainer() if self._trainer is not None else None
+        if trainer is not None:
+            log_to_trainer(trainer, figures)
+        else:
+            state.log_history.append({"step": state.global_step, "epoch": state.epoch, **figures})
         if record.measured:
             self._latest = {
                 f"{key.removesuffix('_bytes')}_mib": round(value / MIB, 3)

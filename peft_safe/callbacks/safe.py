@@ -2,26 +2,28 @@
 
 A thin shell over :meth:`SAFEModel.update_and_freeze`: it builds the probe batches once, calls the tuner
 at every scoring time (epoch ends or every N optimizer steps, as the SAFEConfig says) with the Trainer's
-optimizer, and records importance and frozen units in the Trainer's log history. All schedule state lives in
-the tuner and is saved with the adapter, so ``trainer.train(resume_from_checkpoint=...)`` continues exactly.
+optimizer, and logs importance and frozen units through ``Trainer.log`` (so every ``report_to`` integration and
+the printed log lines get the ``safe/*`` keys). With it in the Trainer, SAFE's automatic schedule stands down.
+All schedule state lives in the tuner and is saved with the adapter, so
+``trainer.train(resume_from_checkpoint=...)`` continues exactly.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+import weakref
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..reporting import find_trainer, follow_transformers_verbosity, log_to_trainer
 from ..safe.distributed import check_trainer_ddp
+from ..safe.driver import progress_record
 from ..safe.model import SAFEModel, find_safe_model
 from ..safe.scoring import check_probe_batch
-
-_MODEL_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "input_features", "input_values")
+from .probe import default_collator, examples_to_batches, is_batch_list, take
 
 logger = logging.getLogger(__name__)
 
@@ -36,15 +38,18 @@ class SAFECallback(TrainerCallback):
     """Freeze unimportant adapter units during ``Trainer.train()``.
 
     Args:
-        probe_dataset: the probe set: a list of ready batches (dicts of tensors), or a dataset of tokenized
-            examples (a ``datasets.Dataset`` or a list of dicts), of which the first ``probe_size`` are used.
+        probe_dataset: the probe set: a list of ready batches (dicts of tensors); tokenized examples (a
+            ``datasets.Dataset`` or list of dicts, e.g. ``trainer.train_dataset`` after TRL's tokenisation); raw
+            text examples (``{"text"}``, ``{"prompt", "completion"}``, ``{"messages"}``) or a list of strings,
+            tokenised with the Trainer's processing class. The first ``probe_size`` examples are used. ``None``:
+            the first ``probe_size`` examples of the Trainer's training data (see :mod:`.probe`).
         probe_size: number of examples taken from ``probe_dataset``.
         batch_size: batch size of the probe batches built from examples.
         data_collator: collates examples into batches; by default the Trainer's tokenizer pads them, or
             ``transformers.default_data_collator`` is used.
 
     Raises:
-        ValueError: if the probe set is empty, or the model holds no SAFE adapter.
+        ValueError: if the probe set is empty or cannot be made into batches, or the model holds no SAFE adapter.
 
     Example:
         >>> trainer = Trainer(model=peft_model, args=args, train_dataset=train, eval_dataset=val,
@@ -77,6 +82,7 @@ class SAFECallback(TrainerCallback):
         self.batch_size = batch_size
         self.data_collator = data_collator
         self._probe_batches: list[Any] | None = None
+        self._trainer: Any = None
         self.scorings: list[dict[str, Any]] = []
 
     @classmethod
@@ -88,41 +94,31 @@ class SAFECallback(TrainerCallback):
         """
         if trainer.eval_dataset is None:
             raise ValueError("SAFECallback.for_trainer needs trainer.eval_dataset for its probe set; pass one.")
-        subset = _take(trainer.eval_dataset, probe_size)
+        subset = take(trainer.eval_dataset, probe_size)
         batches = list(trainer.get_eval_dataloader(subset))
-        return cls(probe_dataset=batches, probe_size=probe_size)
+        callback = cls(probe_dataset=batches, probe_size=probe_size)
+        callback._trainer = weakref.ref(trainer)
+        return callback
 
     # ------------------------------------------------------------------ probe set
-    def _build_probe_batches(self, model: Any, processing_class: Any) -> list[Any]:
+    def _build_probe_batches(self, model: Any, processing_class: Any, trainer: Any = None) -> list[Any]:
         data = self.probe_dataset
         if data is None:
-            raise ValueError(
-                "SAFECallback has no probe set: pass probe_dataset=... (tokenized examples or ready batches), "
-                "or build it with SAFECallback.for_trainer(trainer)."
-            )
-        if _is_batch_list(data):
+            data = getattr(trainer, "train_dataset", None)
+            if data is None or not hasattr(data, "__len__"):
+                raise ValueError(
+                    "SAFECallback has no probe set and found no training dataset to hold one from: pass "
+                    "probe_dataset=... (examples, text or ready batches), or use SAFECallback.for_trainer(trainer)."
+                )
+            logger.info("SAFE: probing on the first %d examples of the training data", self.probe_size)
+        if is_batch_list(data):
             batches = list(data)
         else:
-            examples = _take(data, self.probe_size)
-            params = inspect.signature(model.forward).parameters
-            accepted = set(params) | {"labels", "label"}
-            rows = [dict(ex) for ex in _rows(examples)]
-            inputs = [name for name in _MODEL_INPUTS if name in params]
-            if rows and inputs and not any(name in rows[0] for name in inputs):
-                raise ValueError(
-                    f"SAFECallback's probe examples have keys {sorted(rows[0])} but none of the model's inputs "
-                    f"{inputs}: tokenize them first, e.g. dataset.map(lambda x: tokenizer(x['text']), batched=True)."
-                )
-            rows = [{k: v for k, v in row.items() if k in accepted} for row in rows]
-            collator = self.data_collator or _default_collator(processing_class)
-            try:
-                batches = [collator(rows[i : i + self.batch_size]) for i in range(0, len(rows), self.batch_size)]
-            except (ValueError, TypeError, RuntimeError) as err:
-                raise ValueError(
-                    f"SAFECallback could not collate its probe examples into batches ({err}). Examples of different "
-                    "lengths need padding: give the Trainer its tokenizer (processing_class=tokenizer) or pass "
-                    "data_collator=DataCollatorWithPadding(tokenizer) to SAFECallback."
-                ) from err
+            collator = self.data_collator or default_collator(processing_class)
+            max_length = getattr(getattr(trainer, "args", None), "max_length", None)
+            batches = examples_to_batches(
+                take(data, self.probe_size), model, processing_class, collator, self.batch_size, max_length
+            )
         if not batches:
             raise ValueError("SAFECallback's probe set is empty; give it at least one example.")
         for batch in batches:  # now, not an epoch into training at the first scoring
@@ -133,6 +129,11 @@ class SAFECallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         safe = self._safe(kwargs["model"])
         check_trainer_ddp(args.world_size, args.ddp_find_unused_parameters)
+        safe.auto_driver.stand_down("SAFECallback drives the schedule")
+        follow_transformers_verbosity()
+        trainer = find_trainer(holding=self) or (self._trainer() if self._trainer is not None else None)
+        if trainer is not None:
+            self._trainer = weakref.ref(trainer)
         config = safe.safe_config
         if config.schedule_unit == "epoch" and not float(config.scoring_interval).is_integer():
             raise ValueError(
@@ -140,7 +141,7 @@ class SAFECallback(TrainerCallback):
                 f"number of epochs, got {config.scoring_interval}. To score within an epoch, use "
                 "schedule_unit='step' with scoring_interval (and final_freeze_time) in optimizer steps."
             )
-        self._probe_batches = self._build_probe_batches(kwargs["model"], kwargs.get("processing_class"))
+        self._probe_batches = self._build_probe_batches(kwargs["model"], kwargs.get("processing_class"), trainer)
         start = getattr(state, "global_step" if config.schedule_unit == "step" else "epoch", None) or 0
         last = safe.freeze_state.last_scored
         if last is not None and start < last:
@@ -207,44 +208,12 @@ class SAFECallback(TrainerCallback):
         if self._probe_batches is None:
             raise RuntimeError("SAFECallback.on_train_begin was not called; add the callback before train().")
         newly = safe.update_and_freeze(t, self._probe_batches, optimizer=optimizer)
-        record = {
-            "step": state.global_step,
-            "epoch": state.epoch,
-            "safe/t": t,
-            "safe/threshold": safe.threshold(t),
-            "safe/frozen_units": len(safe.frozen_units),
-            "safe/newly_frozen": ",".join(newly),
-            **{f"safe/importance/{name}": score for name, score in safe.importance.items()},
-        }
-        self.scorings.append(record)
-        state.log_history.append(record)
+        record = progress_record(safe, t, newly)
+        self.scorings.append({"step": state.global_step, "epoch": state.epoch, **record})
+        trainer = self._trainer() if self._trainer is not None else None
+        if trainer is not None:  # Trainer.log: log_history, the printed lines and every report_to integration
+            log_to_trainer(trainer, record)
+        else:
+            state.log_history.append(self.scorings[-1])
         logger.info("SAFE t=%s frozen %d/%d units%s", t, len(safe.frozen_units), len(safe.adapter_units),
                     f" (new: {newly})" if newly else "")
-
-
-def _is_batch_list(data: Any) -> bool:
-    if not isinstance(data, Sequence) or isinstance(data, (str, bytes)) or len(data) == 0:
-        return False
-    first = data[0]
-    import torch
-
-    # a Mapping, not only a dict: a tokenizer's BatchEncoding (return_tensors="pt") is a ready batch too
-    return isinstance(first, Mapping) and any(isinstance(v, torch.Tensor) and v.dim() >= 2 for v in first.values())
-
-
-def _take(data: Any, n: int) -> Any:
-    if hasattr(data, "select"):  # datasets.Dataset
-        return data.select(range(min(n, len(data))))
-    return list(data)[:n]
-
-
-def _rows(data: Any) -> Iterable[dict]:
-    return (data[i] for i in range(len(data)))
-
-
-def _default_collator(processing_class: Any) -> Any:
-    from transformers import DataCollatorWithPadding, default_data_collator
-
-    if processing_class is not None and hasattr(processing_class, "pad"):
-        return DataCollatorWithPadding(processing_class)
-    return default_data_collator

@@ -7,9 +7,10 @@ members; nothing that runs a model.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import warnings
-from dataclasses import InitVar, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from peft.config import PeftConfig
@@ -19,6 +20,8 @@ from .._peft_types import SAFE_PEFT_TYPE, SUPPORTED_ADAPTER_TYPES, peft_type_nam
 from ..core.cka import SCORING_SITES
 from ..core.policy import SchedulePolicy, as_number
 from ..core.schedule import DEFAULT_WARMUP_TOLERANCE, FREEZE_ORDERS, SCORE_SCALES, WARMUP_RULES
+from .config_fields import with_adapter_fields, wrapped_name
+from .model_card import add_safe_section
 
 SCHEDULE_UNITS = ("epoch", "step")
 
@@ -149,16 +152,12 @@ class SAFEConfig(PeftConfig):
         default=None, metadata={"help": "Dotted path of the transformer block list; found automatically if None."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of the probe-token subsampling."})
-    # Deprecated names, accepted by __init__ (and so from saved configs) and mapped onto the fields above.
-    final_freeze_epoch: InitVar[float | None] = None
-    max_warmup: InitVar[float | None] = None
+    # The deprecated names (final_freeze_epoch, max_warmup) and the wrapped config's fields (r, target_modules...)
+    # are keyword arguments too: the __init__ installed below this class maps them (see _forwarding_init).
 
     # ------------------------------------------------------------------ validation
-    def __post_init__(self, final_freeze_epoch: float | None = None, max_warmup: float | None = None) -> None:
+    def __post_init__(self) -> None:
         super().__post_init__()
-        for old, value in (("final_freeze_epoch", final_freeze_epoch), ("max_warmup", max_warmup)):
-            if value is not None:
-                self._set_renamed(old, value, at_init=True)
         self.peft_type = SAFE_PEFT_TYPE
         self.adapter_config = self._build_adapter_config(self.adapter_config)
         for name in _MIRRORED_FIELDS:
@@ -315,18 +314,9 @@ class SAFEConfig(PeftConfig):
         return peft_type_name(self.adapter_config.peft_type)
 
     # ------------------------------------------------------------------ deprecated names
-    def _set_renamed(self, old: str, value: Any, at_init: bool = False) -> None:
+    def _set_renamed(self, old: str, value: Any) -> None:
         new = RENAMED_FIELDS[old]
-        warnings.warn(
-            f"SAFEConfig.{old} is deprecated and will be removed in peft_safe 0.3; use {new} (same meaning). "
-            f"Re-saving the adapter writes the new name.",
-            FutureWarning,
-            stacklevel=4 if at_init else 3,  # the user's call: SAFEConfig(...) or config.old_name = value
-        )
-        default = self.__dataclass_fields__[new].default
-        current = self.__dict__.get(new, default)
-        if at_init and current != default and current != value:
-            raise ValueError(f"SAFEConfig got {old}={value!r} and {new}={current!r}; pass only {new}.")
+        _warn_renamed(old, stacklevel=4)  # the user's line: config.old_name = value
         object.__setattr__(self, new, value)
 
     # ------------------------------------------------------------------ delegation to the wrapped config
@@ -335,8 +325,10 @@ class SAFEConfig(PeftConfig):
         if name.startswith("__") or name == "adapter_config":
             raise AttributeError(name)
         adapter_config = self.__dict__.get("adapter_config")
-        if isinstance(adapter_config, PeftConfig) and hasattr(adapter_config, name):
-            return getattr(adapter_config, name)
+        if isinstance(adapter_config, PeftConfig):
+            name = wrapped_name(type(adapter_config), name)
+            if hasattr(adapter_config, name):
+                return getattr(adapter_config, name)
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -357,8 +349,8 @@ class SAFEConfig(PeftConfig):
         if isinstance(adapter_config, PeftConfig):
             if name in _MIRRORED_FIELDS:
                 setattr(adapter_config, name, value)
-            elif not own and hasattr(adapter_config, name):
-                setattr(adapter_config, name, value)
+            elif not own and hasattr(adapter_config, wrapped_name(type(adapter_config), name)):
+                setattr(adapter_config, wrapped_name(type(adapter_config), name), value)
                 return
         object.__setattr__(self, name, value)
 
@@ -368,6 +360,11 @@ class SAFEConfig(PeftConfig):
         except ValueError:
             object.__setattr__(self, name, old)
             raise
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """Write ``adapter_config.json``; peft's model card beside it gets a SAFE section (:mod:`.model_card`)."""
+        super().save_pretrained(save_directory, **kwargs)
+        add_safe_section(save_directory, self.adapter_peft_type)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "adapter_config"}
@@ -394,3 +391,50 @@ _SAFE_FIELDS = frozenset(f.name for f in dataclasses.fields(SAFEConfig) if f.nam
 for _old in RENAMED_FIELDS:
     setattr(SAFEConfig, _old, _renamed_reader(_old))
 del _old
+
+
+# ---------------------------------------------------------------------------------------------- keyword arguments
+_dataclass_init = SAFEConfig.__init__
+_INIT_FIELDS = [f.name for f in dataclasses.fields(SAFEConfig) if f.init]
+
+
+def _warn_renamed(old: str, stacklevel: int) -> None:
+    warnings.warn(
+        f"SAFEConfig.{old} is deprecated and will be removed in peft_safe 0.3; use {RENAMED_FIELDS[old]} (same "
+        "meaning). Re-saving the adapter writes the new name.",
+        FutureWarning,
+        stacklevel=stacklevel,
+    )
+
+
+def _forwarding_init(self: SAFEConfig, *args: Any, **kwargs: Any) -> None:
+    if len(args) > len(_INIT_FIELDS):
+        raise TypeError(f"SAFEConfig takes at most {len(_INIT_FIELDS)} positional arguments, got {len(args)}.")
+    own = dict(zip(_INIT_FIELDS, args))
+    given = {}
+    for name, value in kwargs.items():
+        if name in own:
+            raise TypeError(f"SAFEConfig.__init__() got multiple values for argument {name!r}")
+        (own if name in _INIT_FIELDS else given)[name] = value
+    for old, new in RENAMED_FIELDS.items():
+        value = given.pop(old, None)
+        if value is None:
+            continue
+        _warn_renamed(old, stacklevel=3)  # the user's SAFEConfig(...)
+        current = own.get(new, SAFEConfig.__dataclass_fields__[new].default)
+        if current != SAFEConfig.__dataclass_fields__[new].default and current != value:
+            raise ValueError(f"SAFEConfig got {old}={value!r} and {new}={current!r}; pass only {new}.")
+        own[new] = value
+    own["adapter_config"] = with_adapter_fields(own.get("adapter_config"), given, _SAFE_FIELDS)
+    _dataclass_init(self, **own)
+
+
+_forwarding_init.__signature__ = inspect.signature(_dataclass_init).replace(  # what peft's loader inspects
+    parameters=[
+        *inspect.signature(_dataclass_init).parameters.values(),
+        *(inspect.Parameter(old, inspect.Parameter.KEYWORD_ONLY, default=None) for old in RENAMED_FIELDS),
+        inspect.Parameter("adapter_fields", inspect.Parameter.VAR_KEYWORD),
+    ]
+)
+_forwarding_init.__doc__ = _dataclass_init.__doc__
+SAFEConfig.__init__ = _forwarding_init

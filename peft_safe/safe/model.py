@@ -33,9 +33,11 @@ from .adalora import allocate_trainable_ranks
 from .checkpoint import FREEZE_STATE_KEY, check_loadable, decode_payload, encode_payload
 from .config import SAFEConfig
 from .distributed import agree_on_scores
+from .driver import AutoDriver
 from .freezing import FrozenUnitsMixin, check_something_trains
 from .optimizer import check_optimizer
 from .scoring import compute_importance
+from .state_dict import extra_state, install_state_dict_hooks, load_extra_state
 from .truncation import BackpropCut
 from .units import (
     AdapterUnit,
@@ -130,6 +132,8 @@ class SAFEModel(FrozenUnitsMixin, BaseTuner):
         self._freeze_states: dict[str, FreezeState] = {}
         self._backprop_cut = BackpropCut()
         super().__init__(model, config, adapter_name, **kwargs)
+        self.auto_driver = AutoDriver(self)  # drives the schedule while nothing else does (see driver.py)
+        install_state_dict_hooks(self)  # the freeze state travels in model.state_dict() too (see state_dict.py)
 
     # ------------------------------------------------------------------ config plumbing
     def _prepare_adapter_config(self, peft_config: Any, model_config: dict) -> Any:
@@ -272,7 +276,11 @@ class SAFEModel(FrozenUnitsMixin, BaseTuner):
 
         Under ``torch.distributed`` (world size > 1) every rank must call this with the same ``t``: the scores
         are averaged over the ranks (see :mod:`peft_safe.safe.distributed`), so all ranks freeze the same units.
+
+        The first call stands the automatic schedule (:attr:`auto_driver`) down for good: the caller drives.
         """
+        if not self.auto_driver.acting:
+            self.auto_driver.stand_down("update_and_freeze was called")
         # Everything is checked before the state moves: the time, the optimizer, hyper-parameters changed in place
         # (model.peft_config[name].tau = ...) and that the adapters are still in the model.
         t = check_scoring_time(t, self.freeze_state.last_scored)
@@ -336,6 +344,14 @@ class SAFEModel(FrozenUnitsMixin, BaseTuner):
             state.frozen[name] = at if at is not None else state.last_scored
         self._apply_freeze_state(optimizer)
         return newly
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The freeze states and step count, as ``model.state_dict()`` carries them (:mod:`.state_dict`)."""
+        return extra_state(self)
+
+    def set_extra_state(self, state: Any) -> None:
+        """Apply a freeze state loaded by ``load_state_dict``, checked first (:mod:`.state_dict`)."""
+        load_extra_state(self, state)
 
     # ------------------------------------------------------------------ AdaLoRA's rank allocation
     def update_and_allocate(self, global_step: int) -> None:

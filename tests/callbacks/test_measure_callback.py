@@ -54,7 +54,7 @@ def test_linear_figures_match_the_hand_formulas(tmp_path, accumulation):
 
     param_bytes = (D_IN * D_OUT + D_OUT) * F32
     entries = memory_entries(trainer)
-    assert [e["step"] for e in entries] == [0, 1, 2]
+    assert [e["step"] for e in entries] == [1, 2, 3]  # the Trainer's global step once each step is done
     for entry in entries:
         # one micro-batch's input, however many micro-batches the step accumulates
         assert entry["memory/activation_bytes"] == BATCH * D_IN * F32
@@ -89,7 +89,7 @@ def test_measure_every_sets_which_steps_are_logged(tmp_path):
     trainer = Trainer(model=SumOfLinear(), args=trainer_args(tmp_path, steps=5), train_dataset=linear_rows(5 * BATCH),
                       callbacks=[MeasureCallback(measure_every=2)])
     trainer.train()
-    assert [e["step"] for e in memory_entries(trainer)] == [0, 2, 4]
+    assert [e["step"] for e in memory_entries(trainer)] == [1, 3, 5]
 
 
 class FreezeBottomAt(TrainerCallback):
@@ -116,8 +116,8 @@ def test_memory_falls_in_the_logs_after_safe_freezes(tmp_path, tiny):
     trainer.train()
 
     entries = {e["step"]: e for e in memory_entries(trainer)}
-    assert sorted(entries) == list(range(6))
-    before, after = entries[2], entries[3]  # global_step 3 is the first step after the freeze
+    assert sorted(entries) == list(range(1, 7))
+    before, after = entries[3], entries[4]  # the units froze at the end of global_step 3
     assert after["memory/activation_bytes"] < 0.6 * before["memory/activation_bytes"]
     assert after["memory/gradient_bytes"] < before["memory/gradient_bytes"]
     assert after["memory/optimizer_state_bytes"] < before["memory/optimizer_state_bytes"]

@@ -305,3 +305,54 @@ def test_assignment_after_construction_is_validated_and_a_refused_value_is_not_k
     with pytest.raises(ValueError, match=name):
         setattr(config, name, value)
     assert getattr(config, name) == before
+
+
+# ---------------------------------------------------------------------------------------------- wrapped field names
+def test_dataclasses_replace_forwards_wrapped_fields_to_a_copy_of_the_wrapped_config():
+    # issue 14.6: peft's add_weighted_adapter calls dataclasses.replace(config, r=..., target_modules=...)
+    import dataclasses
+    import warnings
+
+    config = SAFEConfig(adapter_config=lora(r=4), tau=0.4, final_freeze_time=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecation warning from the old field names either
+        new = dataclasses.replace(config, r=16, target_modules={"key"}, tau=0.6)
+    assert (new.r, new.target_modules, new.tau, new.final_freeze_time) == (16, {"key"}, 0.6, 8)
+    assert (config.r, config.target_modules, config.tau) == (4, {"query", "value"}, 0.4)  # the original is kept
+    assert new.adapter_config is not config.adapter_config
+    same = dataclasses.replace(config)
+    same.r = 32  # a copy without changes does not share the wrapped config either
+    assert config.r == 4 and same.to_dict() != config.to_dict()
+
+
+def test_wrapped_field_names_are_keyword_arguments():
+    config = SAFEConfig(adapter_config=lora(r=4), target_modules=["key"], lora_alpha=32, tau=0.5)
+    assert config.adapter_config.target_modules == {"key"} and config.lora_alpha == 32 and config.tau == 0.5
+    from_dict = SAFEConfig(adapter_config={"peft_type": "LORA", "r": 3}, r=5)
+    assert type(from_dict.adapter_config) is LoraConfig and from_dict.r == 5
+
+
+def test_peft_generic_init_weights_reaches_the_lora_family_field():
+    # peft sets config.init_weights = True on non-LoRA peft types (a SAFEConfig) before a PiSSA conversion
+    config = SAFEConfig(adapter_config=lora(), init_weights=False)
+    assert config.adapter_config.init_lora_weights is False
+    config.init_weights = True
+    assert config.adapter_config.init_lora_weights is True and "init_weights" not in vars(config)
+    from peft_safe import HoulsbyConfig
+
+    houlsby = SAFEConfig(adapter_config=HoulsbyConfig(bottleneck_size=4), init_weights=False)
+    assert houlsby.adapter_config.init_weights is False
+
+
+def test_unknown_keyword_names_both_configs_and_a_saved_unknown_key_is_dropped_by_peft(tmp_path):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'.*SAFE hyper-parameter.*LoraConfig"):
+        SAFEConfig(adapter_config=lora(), bogus=1)
+    with pytest.raises(ValueError, match=r"\['r'\].*no adapter config"):
+        SAFEConfig(r=4)
+    config = SAFEConfig(adapter_config=lora(), tau=0.2)
+    config.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "field_of_a_newer_version": 1}))
+    with pytest.warns(UserWarning, match="field_of_a_newer_version"):
+        loaded = PeftConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, SAFEConfig) and loaded.tau == 0.2

@@ -607,3 +607,16 @@ def test_encoder_decoder_models_get_one_unit_per_block_on_both_stacks(tiny, kind
     loss.backward()
     assert all(p.grad is None for n, p in model.named_parameters() if tiny.in_unit(n, units[0]))
     assert any(p.grad is not None for n, p in model.named_parameters() if tiny.in_unit(n, units[3]))
+
+
+def test_add_weighted_adapter_builds_a_safe_adapter_from_a_replaced_config(tiny):
+    # issue 14.6: peft's add_weighted_adapter builds the new config with dataclasses.replace(config, r=...)
+    model = tiny.safe("llama")
+    batch = tiny.batch()
+    model.add_weighted_adapter(["default"], [1.0], "merged", combination_type="linear")
+    assert type(model.peft_config["merged"]).__name__ == "SAFEConfig" and model.peft_config["merged"].r == 4
+    expected = tiny.logits(model, batch)
+    model.set_adapter("merged")
+    safe = model.base_model
+    assert safe.safe_adapter_name == "merged" and safe.adapter_units == ["model.layers.0", "model.layers.1"]
+    assert torch.allclose(tiny.logits(model, batch), expected, atol=1e-5)  # weight 1, linear: the same adapter

@@ -1,0 +1,73 @@
+"""The wrapped adapter's field names as SAFEConfig keyword arguments: ``SAFEConfig(adapter_config=..., r=16)``.
+
+peft builds configs with ``dataclasses.replace(config, r=..., target_modules=...)`` (``add_weighted_adapter``)
+and sets generic names on any config (``init_weights = True`` before a PiSSA conversion). A SAFEConfig takes
+those names and forwards them to a copy of the config it wraps, so the wrapped class validates them and the
+original is never changed.
+
+Imports: peft's ``PeftConfig`` and its config mapping, and the peft type members; nothing of the SAFE config.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Iterable
+from typing import Any
+
+from peft.config import PeftConfig
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+from .._peft_types import peft_type_name
+
+__all__ = ["GENERIC_NAMES", "with_adapter_fields", "wrapped_name"]
+
+# Generic names peft's own code uses on any config -> the name of the LoRA family's field.
+GENERIC_NAMES = {"init_weights": "init_lora_weights"}
+
+
+def wrapped_name(config_cls: type, name: str) -> str:
+    """``name`` as ``config_cls`` calls it: ``init_weights`` is LoRA's ``init_lora_weights``, others unchanged."""
+    alias = GENERIC_NAMES.get(name)
+    fields = getattr(config_cls, "__dataclass_fields__", {})
+    return alias if alias is not None and name not in fields and alias in fields else name
+
+
+def with_adapter_fields(adapter_config: Any, given: dict[str, Any], safe_fields: Iterable[str]) -> Any:
+    """A copy of ``adapter_config`` (a PeftConfig or its dict) with the fields in ``given`` set.
+
+    Args:
+        adapter_config: the wrapped adapter's config, as passed to SAFEConfig.
+        given: keyword arguments of SAFEConfig that are not its own fields.
+        safe_fields: SAFE's own hyper-parameters, named in the error for an unknown name.
+
+    Raises:
+        TypeError: for a name that the wrapped config does not have either, worded as Python's own error (peft's
+            ``from_pretrained`` drops such keys of configs saved by a newer version when it sees that wording).
+        ValueError: when names are given but there is no wrapped config to set them on.
+    """
+    if isinstance(adapter_config, dict):
+        config_cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(adapter_config.get("peft_type"))
+    else:
+        config_cls = type(adapter_config) if isinstance(adapter_config, PeftConfig) else None
+    nested = config_cls is not None and hasattr(config_cls, "adapter_peft_type")  # a SAFEConfig: refused later
+    if config_cls is None or nested or peft_type_name(getattr(adapter_config, "peft_type", None)) == "SAFE":
+        if not given:
+            return adapter_config  # SAFEConfig.__post_init__ says what is wrong with it
+        raise ValueError(
+            f"SAFEConfig got {sorted(given)}, fields of the adapter SAFE wraps, but no adapter config to set them on "
+            f"(adapter_config={adapter_config!r:.80}); pass one, e.g. SAFEConfig(adapter_config=LoraConfig(...), "
+            "r=16)."
+        )
+    names = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    given = {wrapped_name(config_cls, name): value for name, value in given.items()}
+    unknown = sorted(set(given) - names)
+    if unknown:
+        raise TypeError(
+            f"SAFEConfig.__init__() got an unexpected keyword argument {unknown[0]!r}: it is neither a SAFE "
+            f"hyper-parameter ({', '.join(sorted(safe_fields))}) nor a field of the wrapped {config_cls.__name__}."
+        )
+    if isinstance(adapter_config, dict):
+        return {**adapter_config, **given}
+    # a copy: a config made by dataclasses.replace(safe_config, ...) never shares (nor changes) the original's
+    return dataclasses.replace(adapter_config, **given) if given else copy.deepcopy(adapter_config)
