@@ -89,3 +89,15 @@ def tiny_texts(n: int, words: int = 12, seed: int = 0) -> list[str]:
     """``n`` random texts of ``words`` words of :func:`tiny_tokenizer`'s vocabulary."""
     gen = torch.Generator().manual_seed(seed)
     return [" ".join(f"w{i}" for i in torch.randint(4, VOCAB, (words,), generator=gen).tolist()) for _ in range(n)]
+
+
+def load_example(name: str):
+    """The module of ``examples/<name>.py``, loaded from its file (the examples are scripts, not a package)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 
 import pytest
+from tiny_models import load_example
 
 from peft_safe.core.cka import SCORING_SITES
-
-EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "scoring_sites.py"
 
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("scoring_sites_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("scoring_sites")
 
 
 def test_spearman_is_one_for_the_same_order_and_minus_one_for_the_reverse(example):

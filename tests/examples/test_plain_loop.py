@@ -1,20 +1,14 @@
 """The plain-loop example keeps working: it trains, scores on its schedule and freezes from its own calls."""
 
-import importlib.util
-import pathlib
 import re
 
 import pytest
-
-EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "plain_loop.py"
+from tiny_models import load_example
 
 
 @pytest.fixture(scope="module")
 def plain_loop():
-    spec = importlib.util.spec_from_file_location("plain_loop_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("plain_loop")
 
 
 def test_plain_loop_example_freezes_units_through_update_and_freeze(plain_loop, capsys):

@@ -1,12 +1,10 @@
 """examples/sft_qlora.py in its tiny mode: TRL's SFTTrainer on a 4-bit tiny LLaMA with peft_config=SAFEConfig and
 nothing else SAFE-specific freezes units, and the saved adapter reloads with its freeze state."""
 
-import importlib.util
 import pathlib
 
 import pytest
-
-EXAMPLE = pathlib.Path(__file__).resolve().parents[2] / "examples" / "sft_qlora.py"
+from tiny_models import load_example
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
@@ -14,9 +12,7 @@ pytestmark = pytest.mark.usefixtures("single_thread_torch")
 def test_tiny_sft_qlora_freezes_units_and_saves_a_loadable_adapter(tmp_path, capsys):
     pytest.importorskip("trl")
     pytest.importorskip("bitsandbytes")
-    spec = importlib.util.spec_from_file_location("sft_qlora_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_example("sft_qlora")
     result = module.main(["--tiny", "--output-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert result["frozen_units"] and "trained 12 steps" in out and "step 2: threshold" in out
