@@ -260,7 +260,7 @@ def compute_importance(
                 finally:
                     recording[0] = False
                 n_batches += 1
-                for unit in units if not per_layer else ():
+                for unit in units:  # block reruns; at "adapter_output" nothing was recorded, the layers scored already
                     for args, kwargs, output in calls.get(unit.name, ()):
                         with _adapters_off(unit.layers):
                             baseline = unit.module(*args, **kwargs)
