@@ -118,4 +118,21 @@ def flop_counter() -> FlopCounterMode:
     """
     register_cpu_attention_flop_formulas()
     register_bitsandbytes_flop_formulas()
-    return FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False)
+    # Totals only: torch's per-module breakdown hooks every module and, through backward hooks on their outputs,
+    # keeps graphs alive that would otherwise be freed (a detached block's, as SAFE's memory budget measures
+    # blocks), so a FLOP-counted step would hold more memory than the same step uncounted.
+    counter.mod_tracker = _NoModules()
+    return counter
+
+
+class _NoModules:
+    """Stands in for ``FlopCounterMode``'s module tracker: every FLOP is counted under ``"Global"`` alone."""
+
+    parents = frozenset({"Global"})
+
+    def __enter__(self) -> _NoModules:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None

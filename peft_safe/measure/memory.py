@@ -6,22 +6,26 @@ Parameter, gradient and optimizer-state bytes are sums of :attr:`torch.Tensor.nb
 
 Hand-written here, because torch offers no public equivalent: the accounting on top of the hooks (dedup by
 storage, excluding a model's own parameters and buffers, forgetting storages once autograd frees them) and
-the walk over ``optimizer.state``. torch's ``MemTracker`` (``torch.distributed._tools``) is private and
-tracks whole allocations per module rather than what backward needs, so it is not used.
+the walk over ``optimizer.state``. What the meter cannot see, the most bytes held at once through a step
+(checkpointing's recompute included), :class:`PeakMemoryMeter` follows through a dispatch mode; its docstring
+says why torch's private ``MemTracker`` is not used.
 """
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..batch import batch_tensors
 
 __all__ = [
     "MIB",
+    "PeakMemoryMeter",
     "SavedTensorMeter",
     "gradient_bytes",
     "optimizer_state_bytes",
@@ -262,3 +266,73 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 def _check_module(model: object) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+
+
+class PeakMemoryMeter(TorchDispatchMode):
+    """The most bytes held at once while the context is open, the model's parameters and buffers excluded.
+
+    Counts everything a step allocates and holds together: saved activations, what gradient checkpointing
+    recomputes during backward, temporaries, gradients, and the optimizer state (the part allocated before the
+    context too). A dispatch mode sees every operation, forward and backward; each new storage an operation
+    returns is counted until it is freed (followed through a weak reference), each storage once however many
+    views share it. Storages that existed before the context are not followed, except the optimizer state and
+    gradients, which are counted throughout.
+
+    Hand-written: torch's ``MemTracker`` (``torch.distributed._tools``, private) does the same accounting, but
+    keeps freed storages alive when a block's output is detached and fed on (torch 2.13), which is exactly how
+    SAFE's memory budget measures blocks, and it registers hooks on frozen parameters, which fails.
+
+    Example:
+        >>> with PeakMemoryMeter(model, optimizer) as peak:  # doctest: +SKIP
+        ...     model(**batch).loss.backward(); optimizer.step(); optimizer.zero_grad()
+        >>> peak.peak_bytes  # doctest: +SKIP
+
+    Attributes:
+        peak_bytes: the peak so far (final once the context is closed).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+        super().__init__()
+        _check_module(model)
+        self._model, self._optimizer = model, optimizer
+        self._owned: set[_StorageKey] = set()
+        self._live: dict[_StorageKey, int] = {}
+        self._held = 0
+        self._finalizers: list[weakref.finalize] = []
+        self.peak_bytes = 0
+
+    def __enter__(self) -> PeakMemoryMeter:
+        self._owned = _module_storage_keys([*self._model.parameters(), *self._model.buffers()])
+        self._live = {}
+        base = gradient_bytes(self._model)
+        base += optimizer_state_bytes(self._optimizer) if self._optimizer is not None else 0
+        self._held = self.peak_bytes = base
+        return super().__enter__()
+
+    def __exit__(self, *exc_info: object) -> None:
+        super().__exit__(*exc_info)
+        for finalizer in self._finalizers:  # the peak is final; storages still alive need not call back
+            finalizer.detach()
+        self._finalizers, self._live = [], {}
+
+    def _follow(self, tensor: torch.Tensor) -> None:
+        key, nbytes = _storage_key_and_bytes(tensor)
+        if nbytes == 0 or key in self._live or key in self._owned:
+            return
+        try:
+            storage = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError, TypeError):  # a subclass without one: cannot be followed
+            return
+        self._live[key] = nbytes
+        self._held += nbytes
+        self.peak_bytes = max(self.peak_bytes, self._held)
+        self._finalizers.append(weakref.finalize(storage, self._forget, key))
+
+    def _forget(self, key: _StorageKey) -> None:
+        self._held -= self._live.pop(key, 0)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for tensor in batch_tensors(out):
+            self._follow(tensor)
+        return out

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..batch import cuda_device
 from .flops import flop_counter
-from .memory import SavedTensorMeter, gradient_bytes, optimizer_state_bytes
+from .memory import PeakMemoryMeter, SavedTensorMeter, gradient_bytes, optimizer_state_bytes
 
 __all__ = ["FLOP_MODES", "TrainingSummary", "StepRecord", "TrainingMeter"]
 
@@ -54,6 +54,9 @@ class StepRecord:
         flops: FLOPs of the step (forward, backward and optimizer, as ``FlopCounterMode`` counts them); None
             when not counted.
         flops_counted: Whether ``flops`` was counted on this very step rather than reused from an identical one.
+        peak_bytes: The most bytes held at once during a measured step, parameters and buffers excluded:
+            activations with checkpointing's recompute, temporaries, gradients and optimizer state
+            (:class:`~peft_safe.measure.memory.PeakMemoryMeter`); None when not measured.
     """
 
     step: int
@@ -66,6 +69,7 @@ class StepRecord:
     cuda_max_memory_allocated: int | None = None
     flops: int | None = None
     flops_counted: bool = False
+    peak_bytes: int | None = None
 
     @property
     def training_bytes(self) -> int | None:
@@ -100,6 +104,7 @@ class TrainingSummary:
             None when every step was metered.
         peak_cuda_max_memory_allocated: Largest ``torch.cuda.max_memory_allocated`` of a measured step; None off
             CUDA.
+        peak_step_bytes: Largest :attr:`StepRecord.peak_bytes` (everything held at once, recompute included).
     """
 
     steps: int
@@ -115,6 +120,7 @@ class TrainingSummary:
     wall_time_s: float
     mean_unmetered_step_s: float | None
     peak_cuda_max_memory_allocated: int | None
+    peak_step_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -244,19 +250,20 @@ class TrainingMeter:
             self.flops == "cached" and flop_key not in self._flop_cache
         )
         stack = contextlib.ExitStack()
-        meter = counter = None
+        meter = counter = peak = None
         cuda = cuda_device(self.model)
         if measure:
             if cuda is not None:
                 torch.cuda.synchronize(cuda)
                 torch.cuda.reset_peak_memory_stats(cuda)
+            peak = stack.enter_context(PeakMemoryMeter(self.model, self.optimizer))
             meter = stack.enter_context(SavedTensorMeter(exclude=self.model))
         if count_flops:
             counter = stack.enter_context(flop_counter())
         self._open = {
             "step": index, "measure": measure, "meter": meter, "counter": counter, "stack": stack,
             "flop_key": flop_key, "gradient_bytes": 0, "optimizer_state_bytes": None, "cuda": cuda,
-            "start": time.perf_counter(),
+            "peak": peak, "start": time.perf_counter(),
             "trainable_bytes": sum(p.nbytes for p in self.model.parameters() if p.requires_grad),
         }
 
@@ -301,6 +308,7 @@ class TrainingMeter:
                 record.optimizer_state_bytes = optimizer_state_bytes(self.optimizer) if self.optimizer else 0
             record.trainable_parameter_bytes = state["trainable_bytes"]
             record.cuda_max_memory_allocated = torch.cuda.max_memory_allocated(cuda) if cuda is not None else None
+            record.peak_bytes = state["peak"].peak_bytes
         if state["counter"] is not None:
             record.flops = state["counter"].get_total_flops()
             record.flops_counted = True
@@ -367,6 +375,7 @@ class TrainingMeter:
             wall_time_s=sum(r.wall_time_s for r in self.records),
             mean_unmetered_step_s=statistics.fmean(unmetered) if unmetered else None,
             peak_cuda_max_memory_allocated=max(cuda, default=None),
+            peak_step_bytes=max((r.peak_bytes for r in measured if r.peak_bytes is not None), default=None),
         )
 
 
