@@ -5,6 +5,9 @@ and sets generic names on any config (``init_weights = True`` before a PiSSA con
 those names and forwards them to a copy of the config it wraps, so the wrapped class validates them and the
 original is never changed.
 
+Also the deprecated names of SAFE's own fields (``final_freeze_epoch`` for ``final_freeze_time``...): their
+warning and the property that reads through to the new field.
+
 Imports: peft's ``PeftConfig`` and its config mapping, and the peft type members; nothing of the SAFE config.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,7 +24,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
 from .._peft_types import peft_type_name
 
-__all__ = ["GENERIC_NAMES", "with_adapter_fields", "wrapped_name"]
+__all__ = ["GENERIC_NAMES", "renamed_reader", "warn_renamed", "with_adapter_fields", "wrapped_name"]
 
 # Generic names peft's own code uses on any config -> the name of the LoRA family's field.
 GENERIC_NAMES = {"init_weights": "init_lora_weights"}
@@ -71,3 +75,23 @@ def with_adapter_fields(adapter_config: Any, given: dict[str, Any], safe_fields:
         return {**adapter_config, **given}
     # a copy: a config made by dataclasses.replace(safe_config, ...) never shares (nor changes) the original's
     return dataclasses.replace(adapter_config, **given) if given else copy.deepcopy(adapter_config)
+
+
+def warn_renamed(old: str, new: str, stacklevel: int) -> None:
+    """The FutureWarning for a deprecated SAFEConfig field name ``old`` (now ``new``)."""
+    warnings.warn(
+        f"SAFEConfig.{old} is deprecated and will be removed in peft_safe 0.3; use {new} (same meaning). "
+        "Re-saving the adapter writes the new name.",
+        FutureWarning,
+        stacklevel=stacklevel,
+    )
+
+
+def renamed_reader(old: str, new: str) -> property:
+    """A property reading the deprecated field ``old`` through to ``new``, with a FutureWarning."""
+
+    def read(self: Any) -> Any:
+        warnings.warn(f"SAFEConfig.{old} is deprecated; read {new} instead.", FutureWarning, stacklevel=2)
+        return getattr(self, new)
+
+    return property(read, doc=f"Deprecated name of :attr:`{new}`.")
