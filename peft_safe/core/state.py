@@ -1,6 +1,6 @@
 """FreezeState: what SAFE has decided so far, in a form that round-trips through JSON.
 
-Pure: imports only the standard library.
+Pure: imports only the standard library and ``core.budget``.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from .budget import BlockCosts
 
 # 1: the state, with an optional integrity record; 2: the integrity record is required and seals the state.
 FORMAT_VERSION = 2
@@ -29,6 +31,9 @@ class FreezeState:
         schedule_unit: ``"epoch"`` or ``"step"``.
         final_freeze_time: t_f of the schedule that produced this state.
         format_version: version of this layout; newer versions are refused on load.
+        block_costs: what each block saves for backward, measured for a ``memory_budget`` (the dict form of
+            :class:`~peft_safe.core.budget.BlockCosts`); ``None`` without a budget. Saved with the state so a
+            resumed run checkpoints the same blocks.
     """
 
     units: list[str] = field(default_factory=list)
@@ -40,6 +45,7 @@ class FreezeState:
     schedule_unit: str = "epoch"
     final_freeze_time: float | None = None
     format_version: int = FORMAT_VERSION
+    block_costs: dict[str, Any] | None = None
 
     @property
     def phase(self) -> str:
@@ -70,7 +76,8 @@ class FreezeState:
         return ordered
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        extra = {} if self.block_costs is None else {"block_costs": _costs(self.block_costs)}
+        return {**extra,
             "format_version": self.format_version,
             "adapter_type": self.adapter_type,
             "schedule_unit": self.schedule_unit,
@@ -125,7 +132,12 @@ class FreezeState:
             schedule_unit=str(data.get("schedule_unit", "epoch")),
             final_freeze_time=data.get("final_freeze_time"),
             format_version=version,
+            block_costs=_costs(data.get("block_costs")),
         )
+
+
+def _costs(data: Any) -> dict[str, Any] | None:
+    return None if data is None else BlockCosts.from_dict(data).to_dict()
 
 
 def parse_state_json(text: str) -> Any:
