@@ -20,11 +20,11 @@ PACKAGE_DIR = os.path.dirname(peft_safe.__file__)
 MAX_MODULE_LINES = 450
 
 # What each layer may import, by the first dotted parts of the imported name. The layers below the package
-# root: core < safe, tuners < measure, callbacks < bench, plan (applications).
+# root: core < measure < safe, tuners < callbacks < bench, plan (applications).
 FORBIDDEN = {
     "peft_safe.core": ("peft", "transformers", "peft_safe.safe", "peft_safe.tuners", "peft_safe.measure",
                        "peft_safe.callbacks", "peft_safe.bench", "peft_safe.plan", "peft_safe.registry"),
-    "peft_safe.safe": ("transformers", "peft_safe.callbacks", "peft_safe.measure", "peft_safe.bench",
+    "peft_safe.safe": ("transformers", "peft_safe.callbacks", "peft_safe.bench",
                        "peft_safe.plan", "peft_safe.registry"),
     "peft_safe.tuners": ("transformers.trainer", "transformers.trainer_callback", "peft_safe.callbacks",
                          "peft_safe.measure", "peft_safe.bench", "peft_safe.plan", "peft_safe.registry"),

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -17,10 +16,11 @@ from peft.config import PeftConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
 from .._peft_types import SAFE_PEFT_TYPE, SUPPORTED_ADAPTER_TYPES, peft_type_name
+from ..core.budget import check_memory_budget
 from ..core.cka import SCORING_SITES
 from ..core.policy import SchedulePolicy, as_number
 from ..core.schedule import DEFAULT_WARMUP_TOLERANCE, FREEZE_ORDERS, SCORE_SCALES, WARMUP_RULES
-from .config_fields import with_adapter_fields, wrapped_name
+from .config_fields import renamed_reader, warn_renamed, with_adapter_fields, wrapped_name
 from .model_card import add_safe_section
 
 SCHEDULE_UNITS = ("epoch", "step")
@@ -94,6 +94,10 @@ class SAFEConfig(PeftConfig):
         freeze_order: ``"prefix"`` (default: the frozen units are always a bottom prefix, the only frozen set that
             cuts backprop; with the ``"share"`` scale the prefix freezes while it holds less than the threshold's
             share of the total importance) or ``"any"`` (the paper's rule: every unit below the threshold).
+        memory_budget: off when ``None`` (default). Otherwise the bytes a training step's saved activations may
+            take at once, recompute included: an int (bytes) or a fraction in (0, 1] of what the step saves without
+            checkpointing (measured by SAFE on the first training batch). SAFE checkpoints the lowest trainable
+            blocks that this needs and stops checkpointing as freezing frees memory (docs/method.md).
         probe_tokens: token budget per unit for one CKA: real tokens are subsampled to at most this many.
         blocks_path: dotted path (from the base model) of the list of transformer blocks; found automatically
             when ``None``.
@@ -146,6 +150,9 @@ class SAFEConfig(PeftConfig):
     freeze_order: Literal["prefix", "any"] = field(
         default="prefix",
         metadata={"help": "'prefix' (frozen units stay a bottom prefix) or 'any' (the paper's rule)."},
+    )
+    memory_budget: int | float | None = field(
+        default=None, metadata={"help": "Activation bytes (int) or fraction (0, 1] a step may hold; None: off."}
     )
     probe_tokens: int = field(default=4096, metadata={"help": "Token budget per unit for one CKA."})
     blocks_path: str | None = field(
@@ -261,6 +268,9 @@ class SAFEConfig(PeftConfig):
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        budget = as_number(self.memory_budget)  # a numpy or torch scalar is the number it holds
+        object.__setattr__(self, "memory_budget", check_memory_budget(self.memory_budget if budget is None
+                                                                      else budget))
         if isinstance(self.probe_tokens, bool) or not isinstance(self.probe_tokens, int) or self.probe_tokens < 2:
             raise ValueError(f"probe_tokens must be an int >= 2 (CKA needs two tokens), got {self.probe_tokens!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
@@ -316,7 +326,7 @@ class SAFEConfig(PeftConfig):
     # ------------------------------------------------------------------ deprecated names
     def _set_renamed(self, old: str, value: Any) -> None:
         new = RENAMED_FIELDS[old]
-        _warn_renamed(old, stacklevel=4)  # the user's line: config.old_name = value
+        warn_renamed(old, new, stacklevel=4)  # the user's line: config.old_name = value
         object.__setattr__(self, new, value)
 
     # ------------------------------------------------------------------ delegation to the wrapped config
@@ -372,16 +382,6 @@ class SAFEConfig(PeftConfig):
         return _sets_to_lists(out)
 
 
-def _renamed_reader(old: str) -> property:
-    new = RENAMED_FIELDS[old]
-
-    def read(self: SAFEConfig) -> Any:
-        warnings.warn(f"SAFEConfig.{old} is deprecated; read {new} instead.", FutureWarning, stacklevel=2)
-        return getattr(self, new)
-
-    return property(read, doc=f"Deprecated name of :attr:`{new}`.")
-
-
 # SAFE's own hyper-parameters: assignments to them after construction are validated.
 _SAFE_FIELDS = frozenset(f.name for f in dataclasses.fields(SAFEConfig) if f.name != "adapter_config") - {
     f.name for f in dataclasses.fields(PeftConfig)
@@ -389,22 +389,13 @@ _SAFE_FIELDS = frozenset(f.name for f in dataclasses.fields(SAFEConfig) if f.nam
 
 # The deprecated names read through to the new fields (assignment goes through SAFEConfig.__setattr__).
 for _old in RENAMED_FIELDS:
-    setattr(SAFEConfig, _old, _renamed_reader(_old))
+    setattr(SAFEConfig, _old, renamed_reader(_old, RENAMED_FIELDS[_old]))
 del _old
 
 
 # ---------------------------------------------------------------------------------------------- keyword arguments
 _dataclass_init = SAFEConfig.__init__
 _INIT_FIELDS = [f.name for f in dataclasses.fields(SAFEConfig) if f.init]
-
-
-def _warn_renamed(old: str, stacklevel: int) -> None:
-    warnings.warn(
-        f"SAFEConfig.{old} is deprecated and will be removed in peft_safe 0.3; use {RENAMED_FIELDS[old]} (same "
-        "meaning). Re-saving the adapter writes the new name.",
-        FutureWarning,
-        stacklevel=stacklevel,
-    )
 
 
 def _forwarding_init(self: SAFEConfig, *args: Any, **kwargs: Any) -> None:
@@ -420,7 +411,7 @@ def _forwarding_init(self: SAFEConfig, *args: Any, **kwargs: Any) -> None:
         value = given.pop(old, None)
         if value is None:
             continue
-        _warn_renamed(old, stacklevel=3)  # the user's SAFEConfig(...)
+        warn_renamed(old, new, stacklevel=3)  # the user's SAFEConfig(...)
         current = own.get(new, SAFEConfig.__dataclass_fields__[new].default)
         if current != SAFEConfig.__dataclass_fields__[new].default and current != value:
             raise ValueError(f"SAFEConfig got {old}={value!r} and {new}={current!r}; pass only {new}.")

@@ -30,6 +30,7 @@ from ..core.policy import SchedulePolicy, check_scoring_time, check_time
 from ..core.schedule import normalize_scores
 from ..core.state import FreezeState
 from .adalora import allocate_trainable_ranks
+from .budget import CheckpointBudget
 from .checkpoint import FREEZE_STATE_KEY, check_loadable, decode_payload, encode_payload
 from .config import SAFEConfig
 from .distributed import agree_on_scores
@@ -134,6 +135,8 @@ class SAFEModel(FrozenUnitsMixin, BaseTuner):
         super().__init__(model, config, adapter_name, **kwargs)
         self.auto_driver = AutoDriver(self)  # drives the schedule while nothing else does (see driver.py)
         install_state_dict_hooks(self)  # the freeze state travels in model.state_dict() too (see state_dict.py)
+        # per-block gradient checkpointing under SAFEConfig.memory_budget (see budget.py)
+        self.checkpoint_budget = CheckpointBudget(self) if self.safe_config.memory_budget is not None else None
 
     # ------------------------------------------------------------------ config plumbing
     def _prepare_adapter_config(self, peft_config: Any, model_config: dict) -> Any:

@@ -338,12 +338,16 @@ def test_random_bit_flips_in_the_freeze_state_never_load(saved):
     payload = tensors.pop(FREEZE_STATE_KEY)
     config = safe.peft_config["default"]
     units = safe.adapter_units
-    decode_payload(payload, config, tensors, units)  # the intact payload loads
+    intact = decode_payload(payload, config, tensors, units)  # the intact payload loads
     generator = torch.Generator().manual_seed(13)
     for _ in range(200):
         position = int(torch.randint(0, payload.numel(), (1,), generator=generator))
         bit = int(torch.randint(0, 8, (1,), generator=generator))
         damaged = payload.clone()
         damaged[position] ^= 1 << bit
-        with pytest.raises(ValueError):
-            decode_payload(damaged, config, tensors, units)
+        try:
+            loaded = decode_payload(damaged, config, tensors, units)
+        except ValueError:
+            continue
+        # a flip in the 17th digit of a score can parse to the same double: the same state, which may load
+        assert loaded.to_dict() == intact.to_dict(), f"bit {bit} of byte {position} loaded another state"
