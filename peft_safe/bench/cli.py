@@ -19,7 +19,7 @@ import torch
 from .data import TASKS, BenchInputError, prepare_task
 from .plots import plot_freeze_timeline, plot_importance, plot_memory
 from .report import format_table, summarize
-from .runs import ADAPTERS, adapter_config, run_one, safe_config, total_steps_of
+from .runs import ADAPTERS, adapter_config, memory_budget_bytes, run_one, safe_config, total_steps_of
 
 # the parent of :mod:`.runs`' logger, which logs one line per finished run
 logger = logging.getLogger("peft_safe.bench")
@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "QLoRA); default 4 for wikitext2, 32 otherwise")
     p.add_argument("--checkpointing", choices=("none", "reentrant", "non-reentrant"), default="none",
                    help="gradient checkpointing of every block, in both runs")
+    p.add_argument("--safe-memory-budget", type=float, default=None, metavar="F",
+                   help="SAFE run only: keep each step's peak memory within F (in (0, 1]) of the baseline's measured "
+                        "peak, by checkpointing blocks (SAFEConfig.memory_budget)")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--lr-schedule", choices=("constant", "linear"), default=None,
                    help="constant, or linear decay to 0 (the paper's LinearLR); default linear for wikitext2, "
@@ -109,6 +112,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--warmup-tolerance must be > 0, got {args.warmup_tolerance}.")
     if not 0 < args.tau <= 1:
         parser.error(f"--tau must be in (0, 1], got {args.tau}.")
+    if args.safe_memory_budget is not None and not 0 < args.safe_memory_budget <= 1:
+        parser.error(f"--safe-memory-budget must be a fraction in (0, 1] of the baseline's peak, got "
+                     f"{args.safe_memory_budget}.")
     if not args.lr > 0:
         parser.error(f"--lr must be > 0, got {args.lr}.")
     adapters = [a.strip().lower() for a in args.adapters.split(",") if a.strip()]
@@ -183,7 +189,13 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 safe_config(adapter_config(adapter, args, total_steps, task_type), args, total_steps, task_type)
         for adapter in args.adapters:
             baseline, base_meter = run_one(task, adapter, False, args, seed)
-            safe, safe_meter = run_one(task, adapter, True, args, seed)
+            safe_args = args
+            if args.safe_memory_budget is not None:
+                budget = memory_budget_bytes(base_meter.summary(), args.safe_memory_budget)
+                safe_args = argparse.Namespace(**{**vars(args), "memory_budget_bytes": budget})
+            safe, safe_meter = run_one(task, adapter, True, safe_args, seed)
+            if args.safe_memory_budget is not None:
+                safe["memory_budget_bytes"] = safe_args.memory_budget_bytes
             # the "after last freeze" window is SAFE's, for both runs, so they are compared over the same steps
             after = safe_meter.last_change or 0
             baseline["memory"] = base_meter.summary(after_step=after).to_dict()

@@ -22,6 +22,8 @@ METRICS = (
      1 / MIB, "{:.2f}"),
     ("peak_training_bytes", "peak training memory (MiB)", lambda r: r["memory"]["peak_training_bytes"], 1 / MIB,
      "{:.2f}"),
+    ("peak_step_bytes", "peak step memory, recompute incl. (MiB)", lambda r: r["memory"].get("peak_step_bytes"),
+     1 / MIB, "{:.2f}"),
     ("avg_activation_bytes", "avg activation memory (MiB)", lambda r: r["memory"]["avg_activation_bytes"],
      1 / MIB, "{:.2f}"),
     ("peak_cuda_max_memory_allocated", "peak CUDA memory (MiB)",

@@ -96,6 +96,7 @@ def safe_config(adapter: Any, args: argparse.Namespace, total_steps: int, task_t
         cap = final / 2
     # SAFEConfig's defaults unless a flag names another choice
     choices = {name: getattr(args, name, None) for name in ("scoring_site", "freeze_order", "importance_scale")}
+    choices["memory_budget"] = getattr(args, "memory_budget_bytes", None)
     try:
         return SAFEConfig(adapter_config=adapter, tau=args.tau, schedule_unit="step", final_freeze_time=final,
                           scoring_interval=args.score_every, warmup_tolerance=args.warmup_tolerance,
@@ -186,6 +187,31 @@ def total_steps_of(task: Task, args: argparse.Namespace) -> int:
     """The run's optimizer steps: ``--steps``, else ``--epochs`` passes over the training split."""
     steps_per_epoch = -(-len(task.train["input_ids"]) // args.batch_size)
     return args.steps if args.steps is not None else steps_per_epoch * args.epochs
+
+
+def memory_budget_bytes(baseline: Any, fraction: float) -> int:
+    """SAFE's ``memory_budget`` (saved-activation bytes) for a step peak of ``fraction`` x the baseline's.
+
+    The baseline's peak holds its saved activations and the rest (gradients, optimizer state, temporaries); the
+    SAFE run keeps that rest (its adapters are the baseline's until they freeze), so its activations get what the
+    fraction leaves of the peak after the rest.
+
+    Args:
+        baseline: the baseline run's :class:`~peft_safe.measure.meter.TrainingSummary`.
+        fraction: the ``--safe-memory-budget`` fraction.
+
+    Raises:
+        BenchInputError: if the baseline has no peak measured, or the fraction leaves no room for activations.
+    """
+    peak, activations = baseline.peak_step_bytes, baseline.peak_activation_bytes
+    if peak is None or activations is None:
+        raise BenchInputError("--safe-memory-budget needs the baseline's measured peak, which this torch cannot "
+                              "measure (torch.distributed._tools.mem_tracker is missing); drop the flag.")
+    budget = int(fraction * peak) - (peak - activations)
+    if budget < 1:
+        raise BenchInputError(f"--safe-memory-budget {fraction}: {fraction} x the baseline's peak ({peak} bytes) is "
+                              f"less than what it holds besides activations ({peak - activations} bytes); raise it.")
+    return budget
 
 
 def run_one(task: Task, adapter: str, use_safe: bool, args: argparse.Namespace,
