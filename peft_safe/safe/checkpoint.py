@@ -24,11 +24,10 @@ from torch import nn
 
 from ..core.state import FORMAT_VERSION, FreezeState, parse_state_json
 from .config import LEGACY_VALUES, RENAMED_FIELDS, SAFEConfig
+from .weights_file import FREEZE_STATE_KEY
 
 __all__ = ["FREEZE_STATE_KEY", "check_loadable", "decode_payload", "encode_payload"]
 
-# Key of the freeze state in the adapter state dict (peft strips the adapter name, not this key).
-FREEZE_STATE_KEY = "base_model.safe_freeze_state"
 
 # Fields that legitimately differ between the config saved with the weights and the one they are loaded with:
 # peft sets inference_mode on load and base_model_name_or_path / auto_mapping on save, peft_version follows the

@@ -22,6 +22,7 @@ from ..core.policy import SchedulePolicy, as_number
 from ..core.schedule import DEFAULT_WARMUP_TOLERANCE, FREEZE_ORDERS, SCORE_SCALES, WARMUP_RULES
 from .config_fields import renamed_reader, warn_renamed, with_adapter_fields, wrapped_name
 from .model_card import add_safe_section
+from .weights_file import RECORD_KEY, check_weights_file, keep_record, save_config_atomically, weights_record
 
 SCHEDULE_UNITS = ("epoch", "step")
 
@@ -372,9 +373,16 @@ class SAFEConfig(PeftConfig):
             raise
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        """Write ``adapter_config.json``; peft's model card beside it gets a SAFE section (:mod:`.model_card`)."""
-        super().save_pretrained(save_directory, **kwargs)
-        add_safe_section(save_directory, self.adapter_peft_type)
+        """Write ``adapter_config.json`` atomically, naming the weights file just written (:mod:`.weights_file`)."""
+        save_config_atomically(save_directory, super().save_pretrained, weights_record(save_directory, self), **kwargs)
+        add_safe_section(save_directory, self.adapter_peft_type)  # peft's model card gets a SAFE section
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
+        """peft's loader, then a check that the weights file peft loads next is the one this config was saved with."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        check_weights_file(pretrained_model_name_or_path, config, subfolder)
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "adapter_config"}
@@ -416,6 +424,7 @@ def _forwarding_init(self: SAFEConfig, *args: Any, **kwargs: Any) -> None:
         if current != SAFEConfig.__dataclass_fields__[new].default and current != value:
             raise ValueError(f"SAFEConfig got {old}={value!r} and {new}={current!r}; pass only {new}.")
         own[new] = value
+    keep_record(self, given.pop(RECORD_KEY, None))  # written by save_pretrained beside the fields: not a field
     own["adapter_config"] = with_adapter_fields(own.get("adapter_config"), given, _SAFE_FIELDS)
     _dataclass_init(self, **own)
 

@@ -49,6 +49,7 @@ from .units import (
     resolve_units,
     unit_parameters,
 )
+from .weights_file import note_payload
 
 __all__ = ["SAFEModel", "find_safe_model"]
 
@@ -402,6 +403,7 @@ class SAFEModel(FrozenUnitsMixin, BaseTuner):
             raise ValueError(f"cannot save SAFE adapter {adapter_name!r}: no SAFE tuner holding its freeze state.")
         safe._live_units("save the SAFE adapter", adapter_name)  # before peft writes anything
         out[FREEZE_STATE_KEY] = encode_payload(safe._freeze_states[adapter_name], config, out)
+        note_payload(config, out[FREEZE_STATE_KEY])  # the config's save records which file carries it
         return out
 
     @classmethod
