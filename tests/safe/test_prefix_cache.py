@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
 import warnings
 
 import pytest
@@ -302,6 +303,8 @@ def test_a_copy_starts_empty_and_trains_alike(tiny):
     pair.epoch(0)
     twin = copy.deepcopy(pair.cached)
     assert twin.base_model.prefix_cache.stats()["rows_in_memory"] == 0
+    pickled = pickle.loads(pickle.dumps(pair.cached))  # torch.save(model) pickles it
+    assert pickled.base_model.prefix_cache.stats()["rows_in_memory"] == 0
     batch = epoch_batches("bert", 1)[0]
     losses = []
     for model in (pair.cached, twin):
