@@ -43,7 +43,7 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 
 from .truncation import _hidden_state, _replace, find_cut_block
 
-__all__ = ["PrefixCache"]
+__all__ = ["PrefixCache", "row_keys"]
 
 # Inputs that shape the prefix's output per position, keyed when they come as a (batch, sequence) tensor.
 _KEYED = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
@@ -106,8 +106,11 @@ class PrefixCache:
         self._safe_ref = weakref.ref(safe)
         self._counters()
         self._transient()
-        safe.register_forward_pre_hook(self._before, with_kwargs=True)
-        safe.register_forward_hook(self._after, always_call=True)
+        # On the tuner (peft's task models call it) and on the model it wraps (a PeftModel without a task type calls
+        # that directly; the tuner's forward calls model.forward, which runs no hook): the outermost one acts.
+        for module in (safe, safe.model):
+            module.register_forward_pre_hook(self._before, with_kwargs=True)
+            module.register_forward_hook(self._after, always_call=True)
 
     def _counters(self) -> None:
         self.forwards = 0  # keyable training forwards while a cut existed
@@ -129,6 +132,7 @@ class PrefixCache:
         self._refused: str | None = None
         self._warned: set[str] = set()
         self._stale_handles: list[Any] = []
+        self._depth = 0  # nested forwards of the hooked modules in progress
         self._forward_state()
 
     def _forward_state(self) -> None:
@@ -185,6 +189,9 @@ class PrefixCache:
 
     # ------------------------------------------------------------------ the tuner's forward
     def _before(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self._depth += 1
+        if self._depth > 1:
+            return
         self._end_forward()
         for handle in self._stale_handles:
             handle.remove()
@@ -226,7 +233,9 @@ class PrefixCache:
                 self._patched.append((block, own))
 
     def _after(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        self._end_forward()
+        self._depth = max(0, self._depth - 1)
+        if self._depth == 0:
+            self._end_forward()
 
     def _record_upstream(self, module: torch.nn.Module, args: tuple) -> None:
         site = self._site
@@ -339,9 +348,9 @@ class PrefixCache:
         if self._step is None or self._serving or self._site is None:
             return
         if isinstance(output, torch.Tensor):
-            self._site["output_kind"] = 1
+            self._site["output_kind"] = 0  # a tensor (transformers 5's BertLayer, LlamaDecoderLayer...)
         elif isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-            self._site["output_kind"] = ("tuple", len(output))
+            self._site["output_kind"] = len(output)  # a tuple, hidden states first (older transformers)
         else:
             self._refuse(f"the blocks return a {type(output).__name__}, which the cache cannot stand in for")
 
@@ -350,7 +359,7 @@ class PrefixCache:
             return forward(*args, **kwargs)
         hidden = _hidden_state(args, kwargs)[1]
         kind = self._site["output_kind"]
-        return hidden if kind == 1 else (hidden, *([None] * (kind[1] - 1)))
+        return hidden if kind == 0 else (hidden, *([None] * (kind - 1)))
 
     def _at_cut(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         step, serving = self._step, self._serving

@@ -364,3 +364,53 @@ def test_a_checkpoint_loads_whatever_the_cache_options(tiny, tmp_path):
     loaded = PeftModel.from_pretrained(tiny.bert(layers=LAYERS), tmp_path, is_trainable=True)
     assert loaded.peft_config["default"].cache_frozen is False
     assert loaded.base_model.frozen_units == model.base_model.frozen_units
+
+
+class _TupleBlock(torch.nn.Module):
+    """A residual block that returns a tuple, hidden states first, as transformers' blocks did before 5.0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, hidden, attention_mask=None):
+        return hidden + torch.tanh(self.proj(hidden)), None
+
+
+class _TupleModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(100, 8)
+        self.layers = torch.nn.ModuleList(_TupleBlock() for _ in range(3))
+
+    def forward(self, input_ids, attention_mask=None):
+        hidden = self.embed(input_ids)
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask)[0]
+        return hidden.pow(2).mean()
+
+
+def test_blocks_returning_tuples_are_skipped_in_kind_under_a_peft_model_without_a_task(tiny):
+    # a PeftModel without a task type calls the wrapped model, not the tuner: the cache hooks both
+    from peft import LoraConfig, get_peft_model
+
+    losses, grads = [], []
+    for cache in (True, False):
+        torch.manual_seed(0)
+        model = get_peft_model(_TupleModel(), SAFEConfig(
+            adapter_config=LoraConfig(r=2, target_modules=["proj"], init_lora_weights=False), cache_frozen=cache,
+            schedule_unit="step"))
+        model.base_model.auto_driver.stand_down("frozen by hand")
+        model.base_model.freeze([0])
+        ids = tiny.ids(3, 5)
+        for _ in range(2):
+            loss = model(input_ids=ids)
+            loss.backward()
+        losses.append(float(loss.detach()))
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        if cache:
+            assert model.base_model.prefix_cache.stats()["served_forwards"] == 1
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name])
