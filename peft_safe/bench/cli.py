@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze-order", choices=("prefix", "any"), help="SAFE's freeze order (default: SAFEConfig's)")
     p.add_argument("--importance-scale", choices=("share", "normalized", "raw"),
                    help="the scale SAFE's threshold applies to (default: SAFEConfig's)")
+    p.add_argument("--cache-frozen", action="store_true",
+                   help="SAFE run: cache the hidden states entering the lowest trainable block per example and skip "
+                        "the frozen blocks once every example of a batch is cached (SAFEConfig.cache_frozen; pays "
+                        "only over several epochs)")
     p.add_argument("--measure-every", type=int, default=5, help="measure memory every N steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="write config, per-seed results, memory series and importance history here")

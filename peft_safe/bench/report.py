@@ -34,6 +34,12 @@ METRICS = (
     ("train_time_s", "train time (s)", lambda r: r["train_time_s"], 1, "{:.1f}"),
     ("step_time_s", "step time, no meters (ms)", lambda r: r["step_time_s"], 1e3, "{:.1f}"),
     ("total_time_s", "train + SAFE scoring (s)", lambda r: r["total_time_s"], 1, "{:.1f}"),
+    # --cache-frozen: SAFE's prefix cache (none in the baseline, so its cells read "-")
+    ("cache_hit_rate", "prefix cache hit rate (%)", lambda r: r["memory"].get("cache_hit_rate"), 100, "{:.1f}"),
+    ("cache_served_steps", "steps served from the cache", lambda r: r["memory"].get("cache_served_steps"), 1,
+     "{:.0f}"),
+    ("peak_cache_bytes", "prefix cache held (MiB)", lambda r: r["memory"].get("peak_cache_bytes"), 1 / MIB,
+     "{:.2f}"),
 )
 
 

@@ -100,7 +100,7 @@ def safe_config(adapter: Any, args: argparse.Namespace, total_steps: int, task_t
     try:
         return SAFEConfig(adapter_config=adapter, tau=args.tau, schedule_unit="step", final_freeze_time=final,
                           scoring_interval=args.score_every, warmup_tolerance=args.warmup_tolerance,
-                          warmup_cap=cap, task_type=task_type,
+                          warmup_cap=cap, task_type=task_type, cache_frozen=bool(getattr(args, "cache_frozen", False)),
                           **{name: value for name, value in choices.items() if value is not None})
     except ValueError as error:
         raise BenchInputError(

@@ -124,5 +124,8 @@ class MeasureCallback(TrainerCallback):
             "cuda_max_memory_allocated": record.cuda_max_memory_allocated,
             "flops": record.flops,
             "wall_time_s": record.wall_time_s,
+            # SAFE's prefix cache (cache_frozen): 1 when the step was served from it, and the bytes it holds
+            "cache_served": None if record.cache_served is None else int(record.cache_served),
+            "cache_bytes": record.cache_bytes,
         }
         return {f"{self.prefix}{name}": value for name, value in fields.items() if value is not None}

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..batch import cuda_device
+from .cache import CacheReader, summarize_cache
 from .flops import flop_counter
 from .memory import PeakMemoryMeter, SavedTensorMeter, gradient_bytes, optimizer_state_bytes
 
@@ -57,6 +58,8 @@ class StepRecord:
         peak_bytes: The most bytes held at once during a measured step, parameters and buffers excluded:
             activations with checkpointing's recompute, temporaries, gradients and optimizer state
             (:class:`~peft_safe.measure.memory.PeakMemoryMeter`); None when not measured.
+        cache_served, cache_row_hits, cache_row_lookups, cache_bytes: what SAFE's prefix cache did in the step
+            (:mod:`.cache`): a forward served from it, examples found and looked up, bytes held; None without one.
     """
 
     step: int
@@ -70,6 +73,10 @@ class StepRecord:
     flops: int | None = None
     flops_counted: bool = False
     peak_bytes: int | None = None
+    cache_served: bool | None = None
+    cache_row_hits: int | None = None
+    cache_row_lookups: int | None = None
+    cache_bytes: int | None = None
 
     @property
     def training_bytes(self) -> int | None:
@@ -105,6 +112,8 @@ class TrainingSummary:
         peak_cuda_max_memory_allocated: Largest ``torch.cuda.max_memory_allocated`` of a measured step; None off
             CUDA.
         peak_step_bytes: Largest :attr:`StepRecord.peak_bytes` (everything held at once, recompute included).
+        cache_served_steps, cache_hit_rate, peak_cache_bytes: steps served from SAFE's prefix cache, its hit rate
+            over the examples looked up and the most bytes it held (memory and disk); None without a cache.
     """
 
     steps: int
@@ -121,6 +130,9 @@ class TrainingSummary:
     mean_unmetered_step_s: float | None
     peak_cuda_max_memory_allocated: int | None
     peak_step_bytes: int | None = None
+    cache_served_steps: int | None = None
+    cache_hit_rate: float | None = None
+    peak_cache_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -200,6 +212,8 @@ class TrainingMeter:
         self.records: list[StepRecord] = []
         self.changes: list[int] = []
         self._flop_cache: dict[Any, int] = {}
+        self._flop_pending: dict[Any, list[StepRecord]] = {}  # served steps whose key was not counted yet
+        self._cache = CacheReader(model)
         self._last_trainable: tuple[int, ...] | None = None
         self._open: dict[str, Any] | None = None
         self._hooks = []
@@ -246,8 +260,10 @@ class TrainingMeter:
         if measure is None:
             measure = index % self.measure_every == 0 or changed
         flop_key = (trainable, _shapes(batch))
+        # a step served from a prefix cache costs less than one that is not: the served flag joins the key once the
+        # step is over, and a served step of a key not counted yet is filled in by the next one counted
         count_flops = self.flops == "measured" and measure or (
-            self.flops == "cached" and flop_key not in self._flop_cache
+            self.flops == "cached" and ((flop_key, False) not in self._flop_cache or flop_key in self._flop_pending)
         )
         stack = contextlib.ExitStack()
         meter = counter = peak = None
@@ -260,6 +276,7 @@ class TrainingMeter:
             meter = stack.enter_context(SavedTensorMeter(exclude=self.model))
         if count_flops:
             counter = stack.enter_context(flop_counter())
+        self._cache.begin()
         self._open = {
             "step": index, "measure": measure, "meter": meter, "counter": counter, "stack": stack,
             "flop_key": flop_key, "gradient_bytes": 0, "optimizer_state_bytes": None, "cuda": cuda,
@@ -298,7 +315,7 @@ class TrainingMeter:
         wall = time.perf_counter() - state["start"]
         state["stack"].close()
         self._open = None
-        record = StepRecord(step=state["step"], wall_time_s=wall, measured=state["measure"])
+        record = StepRecord(step=state["step"], wall_time_s=wall, measured=state["measure"], **self._cache.end())
         if state["measure"]:
             meter: SavedTensorMeter = state["meter"]
             record.activation_bytes = meter.peak_activation_bytes
@@ -309,13 +326,22 @@ class TrainingMeter:
             record.trainable_parameter_bytes = state["trainable_bytes"]
             record.cuda_max_memory_allocated = torch.cuda.max_memory_allocated(cuda) if cuda is not None else None
             record.peak_bytes = state["peak"].peak_bytes
+        key = (state["flop_key"], bool(record.cache_served))
         if state["counter"] is not None:
             record.flops = state["counter"].get_total_flops()
             record.flops_counted = True
             if self.flops == "cached":
-                self._flop_cache[state["flop_key"]] = record.flops
+                self._flop_cache[key] = record.flops
+                pending = self._flop_pending.get(state["flop_key"], [])
+                for earlier in [r for r in pending if bool(r.cache_served) == key[1]]:
+                    earlier.flops = record.flops
+                    pending.remove(earlier)
+                if not pending:
+                    self._flop_pending.pop(state["flop_key"], None)
         elif self.flops == "cached":
-            record.flops = self._flop_cache[state["flop_key"]]
+            record.flops = self._flop_cache.get(key)
+            if record.flops is None:
+                self._flop_pending.setdefault(state["flop_key"], []).append(record)
         self.records.append(record)
         return record
 
@@ -376,6 +402,7 @@ class TrainingMeter:
             mean_unmetered_step_s=statistics.fmean(unmetered) if unmetered else None,
             peak_cuda_max_memory_allocated=max(cuda, default=None),
             peak_step_bytes=max((r.peak_bytes for r in measured if r.peak_bytes is not None), default=None),
+            **summarize_cache(self.records),
         )
 
 

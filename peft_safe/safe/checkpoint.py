@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..core.state import FORMAT_VERSION, FreezeState, parse_state_json
+from .cache_options import CACHE_FIELDS
 from .config import LEGACY_VALUES, RENAMED_FIELDS, SAFEConfig
 from .weights_file import FREEZE_STATE_KEY
 
@@ -31,9 +32,10 @@ __all__ = ["FREEZE_STATE_KEY", "check_loadable", "decode_payload", "encode_paylo
 
 # Fields that legitimately differ between the config saved with the weights and the one they are loaded with:
 # peft sets inference_mode on load and base_model_name_or_path / auto_mapping on save, peft_version follows the
-# installed peft, and AdaLoRA's rank allocation rewrites rank_pattern while training.
+# installed peft, and AdaLoRA's rank allocation rewrites rank_pattern while training. The prefix cache's options
+# change how a step is computed, never what the weights mean (a run may train with the cache and resume without).
 _VOLATILE_CONFIG_FIELDS = ("inference_mode", "base_model_name_or_path", "revision", "peft_version", "auto_mapping",
-                           "rank_pattern")
+                           "rank_pattern", *CACHE_FIELDS)
 
 
 # Payloads from this format version on carry an integrity record whose ``state_sha256`` seals the whole record.

@@ -57,7 +57,23 @@ def progress_record(safe: Any, t: float, newly: list[str]) -> dict[str, Any]:
         "safe/frozen_units": len(safe.frozen_units),
         "safe/newly_frozen": ",".join(newly),
         **{f"safe/importance/{name}": score for name, score in safe.importance.items()},
+        **_cache_record(safe),
     }
+
+
+def _cache_record(safe: Any) -> dict[str, Any]:
+    """The prefix cache's figures (``cache_frozen=True`` only): hit rate, rows and bytes held, forwards served."""
+    cache = getattr(safe, "prefix_cache", None)
+    stats = cache.stats() if cache is not None else {}
+    if not stats.get("enabled"):
+        return {}
+    figures = {
+        "safe/cache_hit_rate": stats["hit_rate"],  # None before the first lookup: left out
+        "safe/cache_served_forwards": stats["served_forwards"],
+        "safe/cache_bytes": stats["memory_bytes"] + stats["disk_bytes"],
+        "safe/cache_disk_bytes": stats["disk_bytes"],
+    }
+    return {key: value for key, value in figures.items() if value is not None}
 
 
 def _tokens(batch: Any) -> int:

@@ -8,7 +8,8 @@ adapter state-dict hooks (so the freeze state travels inside the checkpoint).
 
 This module is the tuner's shell; the parts live beside it: ``units`` (what a unit is), ``scoring`` (1 - CKA
 per unit), ``core.policy`` (the schedule), ``optimizer`` (what freezing frees), ``truncation`` (backprop cut),
-``checkpoint`` (the payload and its checks), ``adalora`` (rank allocation), ``distributed`` (ranks agree).
+``checkpoint`` (the payload and its checks), ``adalora`` (rank allocation), ``distributed`` (ranks agree),
+``prefix_cache`` (the frozen blocks' output served from a cache, ``cache_frozen=True``).
 
 Imports: peft's tuner machinery and this package's ``core`` and ``safe``; never transformers' Trainer.
 """
@@ -37,6 +38,7 @@ from .distributed import agree_on_scores
 from .driver import AutoDriver
 from .freezing import FrozenUnitsMixin, check_something_trains
 from .optimizer import check_optimizer
+from .prefix_cache import PrefixCache
 from .scoring import compute_importance
 from .state_dict import extra_state, install_state_dict_hooks, load_extra_state
 from .truncation import BackpropCut
@@ -135,6 +137,7 @@ class SAFEModel(FrozenUnitsMixin, BaseTuner):
         self._backprop_cut = BackpropCut()
         super().__init__(model, config, adapter_name, **kwargs)
         self.auto_driver = AutoDriver(self)  # drives the schedule while nothing else does (see driver.py)
+        self.prefix_cache = PrefixCache(self)  # after the driver's hook: it sees the cut a freeze just moved
         install_state_dict_hooks(self)  # the freeze state travels in model.state_dict() too (see state_dict.py)
         # per-block gradient checkpointing under SAFEConfig.memory_budget (see budget.py)
         self.checkpoint_budget = CheckpointBudget(self) if self.safe_config.memory_budget is not None else None

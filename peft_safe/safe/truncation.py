@@ -268,3 +268,15 @@ class BackpropCut:
         if hidden.requires_grad:
             return None
         return _replace(args, kwargs, where, hidden.detach().requires_grad_(True))
+
+    def feeds_no_gradient(self, hidden: torch.Tensor) -> bool:
+        """Whether the first block's input ``hidden`` carries no gradient anybody keeps (so it is a constant).
+
+        True when it does not require grad, or when its graph reaches no leaf that requires grad except the input
+        embeddings' outputs an input-require-grads hook made require grad (seen only while the cut's hooks are
+        installed). The prefix cache (:mod:`.prefix_cache`) serves cached states only then.
+        """
+        if not hidden.requires_grad:
+            return True
+        embedding_outputs = [t for t in (ref() for ref in self._embedding_outputs) if t is not None]
+        return not upstream_wants_grad(hidden, ignored_leaves=embedding_outputs)

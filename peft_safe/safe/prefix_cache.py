@@ -1,0 +1,429 @@
+"""Skip the frozen prefix: the hidden states entering the lowest trainable block, cached per training example.
+
+Once SAFE has frozen the bottom blocks (and backprop stops below the lowest trainable one, :mod:`.truncation`),
+those blocks compute the same function at every later step. With ``SAFEConfig(cache_frozen=True)`` a training
+forward stores, for each example of the batch, the hidden states entering the *cut block*; once every example of
+a batch is stored, the frozen blocks' forward is skipped (each returns its input untouched) and the cut block
+gets the stored states instead. The input embeddings still run (cheap).
+
+- **Keys.** An example is keyed by its content: ``input_ids`` and, when given with the same (batch, sequence)
+  shape, ``attention_mask``, ``token_type_ids`` and ``position_ids``, with trailing padding (where the attention
+  mask ends) stripped. Shuffling and dynamic right padding therefore hit; leading (left) padding is part of the
+  key. Stored rows hold the real positions only and are padded back with zeros, which no real token attends to.
+- **When.** Only on training forwards (train mode, grad enabled) that pass ``input_ids`` and no
+  ``inputs_embeds``: never during SAFE's scoring (eval mode, no grad) or evaluation.
+- **Exactness.** While caching, the frozen blocks run in eval mode (no dropout in them, LoRA's dropout included),
+  so a served step equals one computed in full with those blocks in eval mode, to float rounding.
+- **Invalidation.** The rows are dropped whenever the prefix may compute something else: the cut moves (a new
+  freeze, ``restart_schedule``, a unit thawed by hand), a frozen parameter is changed in place (``_version``:
+  a merge, ``load_state_dict``), the adapters below the cut are switched off or swapped, or autocast changes.
+  A prefix whose input carries a gradient somebody keeps (a trainable embedding) is never cached (a warning).
+- **Where rows live.** Host memory up to ``cache_memory_bytes``, then one file per example under a temporary
+  folder (in ``cache_dir`` when given), removed when the rows are dropped.
+
+:meth:`PrefixCache.stats` reports hits, the hit rate and the bytes held; the meter reads it
+(:mod:`peft_safe.measure.cache`). Imports torch and peft's tuner-layer base, and of this package
+``safe.truncation``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import tempfile
+import warnings
+import weakref
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch.nn.modules.module import register_module_forward_pre_hook
+
+from .truncation import _hidden_state, _replace, find_cut_block
+
+__all__ = ["PrefixCache", "row_keys"]
+
+# Inputs that shape the prefix's output per position, keyed when they come as a (batch, sequence) tensor.
+_KEYED = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+_MISSING = object()
+
+
+def _autocast_state() -> tuple:
+    return tuple(
+        (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)) for device in ("cpu", "cuda")
+    )
+
+
+def row_keys(args: tuple, kwargs: dict) -> tuple[list[bytes], list[int], tuple[int, int]] | None:
+    """Content keys of a batch's examples, their unpadded lengths and the batch shape; None when not keyable.
+
+    Not keyable: no 2-D ``input_ids`` (given as ``input_ids=`` or the only positional argument), ``inputs_embeds``
+    given, or one of the keyed inputs in another shape (a 4-D attention mask), which the key could not capture.
+    """
+    if kwargs.get("inputs_embeds") is not None or len(args) > 1:
+        return None
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        return None
+    shape = (int(ids.shape[0]), int(ids.shape[1]))
+    parts = {"input_ids": ids}
+    for name in _KEYED[1:]:
+        value = kwargs.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+            return None
+        parts[name] = value
+    rows = {name: value.detach().cpu() for name, value in sorted(parts.items())}
+    mask = rows.get("attention_mask")
+    if mask is None:
+        lengths = [shape[1]] * shape[0]
+    else:  # one past the last real position; 0 for a row without any
+        lengths = ((mask != 0) * torch.arange(1, shape[1] + 1)).amax(dim=1).tolist()
+    keys = []
+    for i, length in enumerate(lengths):
+        digest = hashlib.blake2b(digest_size=16)
+        for name, value in rows.items():
+            digest.update(f"{name}:{value.dtype}:".encode())
+            digest.update(value[i, :length].numpy().tobytes())
+        keys.append(digest.digest())
+    return keys, lengths, shape
+
+
+class PrefixCache:
+    """The cache of one :class:`~peft_safe.SAFEModel` (``safe.prefix_cache``); it acts only when the active
+    adapter's config has ``cache_frozen=True``.
+
+    Example:
+        >>> config = SAFEConfig(adapter_config=lora, cache_frozen=True)  # doctest: +SKIP
+        >>> safe = get_peft_model(model, config).base_model  # doctest: +SKIP
+        >>> safe.prefix_cache.stats()["hit_rate"]  # doctest: +SKIP
+    """
+
+    def __init__(self, safe: Any) -> None:
+        self._safe_ref = weakref.ref(safe)
+        self._counters()
+        self._transient()
+        # On the tuner (peft's task models call it) and on the model it wraps (a PeftModel without a task type calls
+        # that directly; the tuner's forward calls model.forward, which runs no hook): the outermost one acts.
+        for module in (safe, safe.model):
+            module.register_forward_pre_hook(self._before, with_kwargs=True)
+            module.register_forward_hook(self._after, always_call=True)
+
+    def _counters(self) -> None:
+        self.forwards = 0  # keyable training forwards while a cut existed
+        self.served_forwards = 0
+        self.row_lookups = 0
+        self.row_hits = 0
+        self.invalidations = 0  # times stored rows were dropped because the prefix changed
+
+    def _transient(self) -> None:
+        self._memory: dict[bytes, torch.Tensor] = {}
+        self._disk: dict[bytes, str] = {}
+        self.memory_bytes = 0
+        self.disk_bytes = 0
+        self._folder: str | None = None
+        self._finalizer: Any = None
+        self._site: dict[str, Any] | None = None
+        self._located_key: Any = None
+        self._located: tuple[str, int] | None = None
+        self._refused: str | None = None
+        self._warned: set[str] = set()
+        self._stale_handles: list[Any] = []
+        self._depth = 0  # nested forwards of the hooked modules in progress
+        self._forward_state()
+
+    def _forward_state(self) -> None:
+        self._step: dict[str, Any] | None = None
+        self._serving = False
+        self._modes: list[tuple[torch.nn.Module, bool]] = []
+        self._patched: list[tuple[torch.nn.Module, Any]] = []
+        self._recorder: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a copy (deepcopy, pickle) starts with no rows; its blocks' hooks are removed at its first forward
+        handles = self._site["handles"] if self._site else []
+        return {"_safe": self._safe_ref(), "_stale_handles": handles}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._safe_ref = weakref.ref(state["_safe"])
+        self._counters()
+        self._transient()
+        self._stale_handles = list(state["_stale_handles"])
+
+    # ------------------------------------------------------------------ public
+    def stats(self) -> dict[str, Any]:
+        """Counts since the model was built: training forwards seen and served, example lookups and hits, the hit
+        rate (hits / lookups, None before any), rows and bytes held in memory and on disk, invalidations, the cut
+        block cached at and why caching was refused (None when it was not)."""
+        safe = self._safe_ref()
+        config = safe.peft_config.get(safe.active_adapters[0]) if safe is not None and safe.active_adapters else None
+        return {
+            "enabled": bool(getattr(config, "cache_frozen", False)),
+            "cut_block": self._site["name"] if self._site else None,
+            "forwards": self.forwards,
+            "served_forwards": self.served_forwards,
+            "row_lookups": self.row_lookups,
+            "row_hits": self.row_hits,
+            "hit_rate": self.row_hits / self.row_lookups if self.row_lookups else None,
+            "rows_in_memory": len(self._memory),
+            "memory_bytes": self.memory_bytes,
+            "rows_on_disk": len(self._disk),
+            "disk_bytes": self.disk_bytes,
+            "invalidations": self.invalidations,
+            "refused": self._refused,
+        }
+
+    @property
+    def folder(self) -> str | None:
+        """The folder rows beyond the memory budget are written to; None while none is."""
+        return self._folder
+
+    def clear(self) -> None:
+        """Drop every stored row (memory and disk) and the hooks on the blocks; the next forward starts afresh."""
+        self._drop_rows()
+        self._uninstall()
+        self._located_key = None
+
+    # ------------------------------------------------------------------ the tuner's forward
+    def _before(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self._depth += 1
+        if self._depth > 1:
+            return
+        self._end_forward()
+        for handle in self._stale_handles:
+            handle.remove()
+        self._stale_handles = []
+        safe = self._safe_ref()
+        config = safe.peft_config.get(safe.active_adapters[0]) if safe is not None and safe.active_adapters else None
+        if not getattr(config, "cache_frozen", False):
+            if self._site is not None or self._memory or self._disk:
+                self.clear()
+            return
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        site = self._current_site(safe)
+        if site is None or self._refused is not None:
+            return
+        rows = row_keys(args, kwargs)
+        if rows is None:
+            return
+        keys, lengths, shape = rows
+        hits = sum(1 for key in keys if key in self._memory or key in self._disk)
+        self.forwards += 1
+        self.row_lookups += len(keys)
+        self.row_hits += hits
+        self._step = {"keys": keys, "lengths": lengths, "shape": shape}
+        self._serving = bool(keys) and hits == len(keys) and site["output_kind"] is not None
+        # No dropout in the prefix (the frozen blocks and the leaf modules that run before them, such as the
+        # embeddings' dropout): what is stored is what every later epoch gets.
+        self._modes = [(m, m.training) for block in site["below"] for m in block.modules()]
+        self._modes += [(m, m.training) for m in site["upstream"] or ()]
+        for m, _ in self._modes:
+            m.training = False
+        if site["upstream"] is None:  # learnt on the first forward: the leaves called before the first block
+            site["upstream_seen"] = []
+            self._recorder = register_module_forward_pre_hook(self._record_upstream)
+        if self._serving:
+            for block in site["below"]:
+                own = block.__dict__.get("forward", _MISSING)
+                block.forward = functools.partial(self._skip, block.forward)
+                self._patched.append((block, own))
+
+    def _after(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        self._depth = max(0, self._depth - 1)
+        if self._depth == 0:
+            self._end_forward()
+
+    def _record_upstream(self, module: torch.nn.Module, args: tuple) -> None:
+        site = self._site
+        if site is None or module is site["below"][0]:
+            if site is not None:
+                site["upstream"] = site["upstream_seen"]
+            self._recorder.remove()
+            self._recorder = None
+        elif id(module) in site["members"] and next(module.children(), None) is None:
+            site["upstream_seen"].append(module)
+            self._modes.append((module, module.training))
+            module.training = False
+
+    def _end_forward(self) -> None:
+        if self._recorder is not None:
+            self._recorder.remove()
+        for module, mode in self._modes:
+            module.training = mode
+        for block, own in self._patched:
+            if own is _MISSING:
+                block.__dict__.pop("forward", None)
+            else:
+                block.__dict__["forward"] = own
+        self._forward_state()
+
+    # ------------------------------------------------------------------ where the cut is
+    def _current_site(self, safe: Any) -> dict[str, Any] | None:
+        found = self._locate(safe)
+        if found is None:
+            if self._site is not None:
+                self.clear()
+            return None
+        name = f"{found[0]}.{found[1]}"
+        if self._site is None or self._site["name"] != name:
+            self._drop_rows()
+            self._uninstall()
+            self._install(safe, *found)
+        site = self._site
+        signature = self._signature(safe, site)
+        if signature != site["signature"]:
+            if site["signature"] is not None:
+                self._drop_rows()
+            site["signature"] = signature
+            self._refused = None
+        return site
+
+    def _locate(self, safe: Any) -> tuple[str, int] | None:
+        state = safe._freeze_states.get(safe.active_adapters[0])
+        if state is None or not state.frozen:
+            return None
+        key = (safe.active_adapters[0], id(state), frozenset(state.frozen))
+        site = self._site
+        thawed = site is not None and any(p.requires_grad for block in site["below"] for p in block.parameters())
+        if key != self._located_key or thawed:
+            self._located_key = key
+            self._located = find_cut_block(safe.model, safe._units(), state.frozen)
+        return self._located
+
+    def _install(self, safe: Any, path: str, index: int) -> None:
+        blocks = safe.model.get_submodule(path)
+        below = [blocks[i] for i in range(index)]
+        above = {id(p) for i in range(index, len(blocks)) for p in blocks[i].parameters()}
+        self._site = {
+            # what the cut block's input depends on: the blocks below and everything outside the block list
+            "prefix_params": [p for p in safe.model.parameters() if id(p) not in above],
+            "name": f"{path}.{index}",
+            "below": below,
+            "layers": [m for block in below for m in block.modules() if isinstance(m, BaseTunerLayer)],
+            "signature": None,
+            "output_kind": None,
+            "upstream": None,
+            "members": {id(m) for m in safe.model.modules()},
+            "handles": [
+                blocks[0].register_forward_pre_hook(self._at_first_block, with_kwargs=True),
+                blocks[0].register_forward_hook(self._note_output),
+                # first among the cut block's hooks: the backprop cut's own then sees the states served here
+                blocks[index].register_forward_pre_hook(self._at_cut, with_kwargs=True, prepend=True),
+            ],
+        }
+        self._refused = None
+
+    def _uninstall(self) -> None:
+        if self._site is not None:
+            for handle in self._site["handles"]:
+                handle.remove()
+        self._site = None
+        self._refused = None
+
+    def _signature(self, safe: Any, site: dict[str, Any]) -> tuple:
+        # _version counts in-place changes of a tensor: a merge or load_state_dict into a frozen weight moves it
+        versions = sum(p._version for p in site["prefix_params"] if not p.requires_grad)
+        switches = tuple(
+            (layer.disable_adapters, tuple(layer.active_adapters), layer.merged) for layer in site["layers"]
+        )
+        return versions, switches, _autocast_state()
+
+    # ------------------------------------------------------------------ the blocks' hooks
+    def _at_first_block(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._step is None:
+            return
+        found = _hidden_state(args, kwargs)
+        safe = self._safe_ref()
+        if found is None or not safe._backprop_cut.feeds_no_gradient(found[1]):
+            self._refuse(
+                "the input of the frozen blocks carries a gradient that is kept (a trainable embedding, or "
+                "inputs_embeds that require grad), so their output changes from step to step"
+            )
+
+    def _note_output(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        if self._step is None or self._serving or self._site is None:
+            return
+        if isinstance(output, torch.Tensor):
+            self._site["output_kind"] = 0  # a tensor (transformers 5's BertLayer, LlamaDecoderLayer...)
+        elif isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+            self._site["output_kind"] = len(output)  # a tuple, hidden states first (older transformers)
+        else:
+            self._refuse(f"the blocks return a {type(output).__name__}, which the cache cannot stand in for")
+
+    def _skip(self, forward: Any, *args: Any, **kwargs: Any) -> Any:
+        if not self._serving:
+            return forward(*args, **kwargs)
+        hidden = _hidden_state(args, kwargs)[1]
+        kind = self._site["output_kind"]
+        return hidden if kind == 0 else (hidden, *([None] * (kind - 1)))
+
+    def _at_cut(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        step, serving = self._step, self._serving
+        self._end_forward()  # the frozen blocks have run (or been skipped): their modes and forwards come back
+        if step is None:
+            return None
+        found = _hidden_state(args, kwargs)
+        if found is None:
+            self._refuse("the lowest trainable block takes no hidden-state tensor")
+            return None
+        where, hidden = found
+        batch, seq = step["shape"]
+        if serving:
+            rows = [self._row(key) for key in step["keys"]]
+            states = torch.zeros((batch, seq, *rows[0].shape[1:]), dtype=rows[0].dtype)
+            for i, (row, length) in enumerate(zip(rows, step["lengths"])):
+                states[i, :length] = row
+            self.served_forwards += 1
+            return _replace(args, kwargs, where, states.to(hidden.device))
+        if tuple(hidden.shape[:2]) != (batch, seq):
+            self._refuse(f"the hidden states at the cut have shape {tuple(hidden.shape)}, not (batch, sequence, ...) "
+                         f"= ({batch}, {seq}, ...) of the input ids")
+            return None
+        for i, (key, length) in enumerate(zip(step["keys"], step["lengths"])):
+            if key not in self._memory and key not in self._disk:
+                self._store(key, hidden[i, :length].detach())
+        return None
+
+    def _refuse(self, reason: str) -> None:
+        self._end_forward()
+        self._drop_rows()
+        self._refused = reason
+        if reason not in self._warned:
+            self._warned.add(reason)
+            warnings.warn(f"SAFE's prefix cache (cache_frozen=True) is not used: {reason}.", stacklevel=2)
+
+    # ------------------------------------------------------------------ rows
+    def _store(self, key: bytes, row: torch.Tensor) -> None:
+        row = row.clone() if row.device.type == "cpu" else row.cpu()  # its own storage, not the batch's
+        config = self._safe_ref().safe_config
+        if self.memory_bytes + row.nbytes <= config.cache_memory_bytes:
+            self._memory[key] = row
+            self.memory_bytes += row.nbytes
+            return
+        if self._folder is None:
+            parent = config.cache_dir
+            if parent:
+                os.makedirs(parent, exist_ok=True)
+            self._folder = tempfile.mkdtemp(prefix="peft_safe_prefix_", dir=parent or None)
+            self._finalizer = weakref.finalize(self, shutil.rmtree, self._folder, True)
+        path = os.path.join(self._folder, key.hex() + ".pt")
+        torch.save(row, path)
+        self._disk[key] = path
+        self.disk_bytes += row.nbytes
+
+    def _row(self, key: bytes) -> torch.Tensor:
+        row = self._memory.get(key)
+        return row if row is not None else torch.load(self._disk[key], weights_only=True)
+
+    def _drop_rows(self) -> None:
+        if self._memory or self._disk:
+            self.invalidations += 1
+        self._memory, self._disk = {}, {}
+        self.memory_bytes = self.disk_bytes = 0
+        if self._finalizer is not None:
+            self._finalizer()  # removes the folder
+        self._folder, self._finalizer = None, None
