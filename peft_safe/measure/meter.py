@@ -179,9 +179,10 @@ class TrainingMeter:
             gradients at the end of the step and count no optimizer state.
         measure_every: Measure memory on every this many steps (steps 0, N, 2N, ...), and also on the first
             step after the trainable set changed.
-        flops: ``"none"``; ``"measured"`` to count FLOPs on measured steps; ``"cached"`` to count them once per
-            distinct step (trainable set and, when ``batch`` is passed to :meth:`step`, the batch's tensor
-            shapes) and reuse the count for identical steps, so every step has a figure.
+        flops: ``"none"``; ``"measured"`` to count FLOPs on measured steps; ``"cached"`` to count the first two
+            steps of each distinct kind (trainable set, checkpointed blocks, whether a prefix cache served it and,
+            when ``batch`` is passed to :meth:`step`, the batch's tensor shapes) and reuse the second's count for
+            the later ones (the first may do one-off work), so every step has a figure.
 
     Attributes:
         records: One :class:`StepRecord` per tracked step, in order.
@@ -213,6 +214,7 @@ class TrainingMeter:
         self.changes: list[int] = []
         self._flop_cache: dict[Any, int] = {}
         self._flop_pending: dict[Any, list[StepRecord]] = {}  # served steps whose key was not counted yet
+        self._flop_seen: set[Any] = set()  # keys counted once (see end_step)
         self._cache = CacheReader(model)
         self._last_trainable: tuple[int, ...] | None = None
         self._open: dict[str, Any] | None = None
@@ -259,7 +261,8 @@ class TrainingMeter:
         self._last_trainable = trainable
         if measure is None:
             measure = index % self.measure_every == 0 or changed
-        flop_key = (trainable, _shapes(batch))
+        # Which blocks are gradient-checkpointed changes the work (SAFE's memory budget changes it as units freeze).
+        flop_key = (trainable, _shapes(batch), _checkpointed(self.model))
         # a step served from a prefix cache costs less than one that is not: the served flag joins the key once the
         # step is over, and a served step of a key not counted yet is filled in by the next one counted
         count_flops = self.flops == "measured" and measure or (
@@ -330,7 +333,11 @@ class TrainingMeter:
         if state["counter"] is not None:
             record.flops = state["counter"].get_total_flops()
             record.flops_counted = True
-            if self.flops == "cached":
+            # A key's first step may do one-off work (SAFE's memory budget measures its blocks there, a lazy
+            # initialisation...): it keeps its own count, and the key's count is taken from its second step.
+            if self.flops == "cached" and key not in self._flop_seen:
+                self._flop_seen.add(key)
+            elif self.flops == "cached":
                 self._flop_cache[key] = record.flops
                 pending = self._flop_pending.get(state["flop_key"], [])
                 for earlier in [r for r in pending if bool(r.cache_served) == key[1]]:
@@ -409,6 +416,11 @@ class TrainingMeter:
 def _mean(values: Any) -> float | None:
     values = list(values)
     return statistics.fmean(values) if values else None
+
+
+def _checkpointed(model: nn.Module) -> tuple[bool, ...]:
+    """Which modules with transformers' ``gradient_checkpointing`` flag have it set."""
+    return tuple(bool(m.gradient_checkpointing) for m in model.modules() if hasattr(m, "gradient_checkpointing"))
 
 
 def _shapes(batch: Any) -> Any:

@@ -77,7 +77,7 @@ def test_forced_measurement_overrides_the_cadence():
     assert [r.measured for r in meter.records] == [False, True]
 
 
-def test_cached_flops_count_once_per_distinct_step_and_give_the_run_total():
+def test_cached_flops_count_the_first_two_steps_of_each_kind_and_give_the_run_total():
     layer = nn.Linear(D_IN, D_OUT)
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
     meter = TrainingMeter(layer, optimizer, measure_every=100, flops="cached")
@@ -85,7 +85,7 @@ def test_cached_flops_count_once_per_distinct_step_and_give_the_run_total():
     linear_loop(meter, layer, optimizer, steps=1, batch=1)  # a smaller last batch is a new kind of step
     linear_loop(meter, layer, optimizer, steps=2)
     counted = [r.step for r in meter.records if r.flops_counted]
-    assert counted == [0, 3]
+    assert counted == [0, 1, 3]  # a kind's first step may do one-off work: its count is taken from the second
 
     def step_flops(batch):
         x = torch.randn(batch, D_IN)

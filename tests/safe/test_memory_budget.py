@@ -211,3 +211,22 @@ def test_an_encoder_decoder_model_is_refused_with_the_fix(tiny):
     config = SAFEConfig(adapter_config=LoraConfig(target_modules=["q", "v"]), memory_budget=0.5)
     with pytest.raises(ValueError, match="memory_budget=None"):
         get_peft_model(base, config)
+
+
+def test_cached_flops_do_not_reuse_the_step_that_measured_the_blocks(tiny):
+    from peft_safe.measure.meter import TrainingMeter
+
+    def run(flops):
+        model = bert_safe(tiny, 0.5)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        meter = TrainingMeter(model, optimizer, measure_every=1, flops=flops)
+        for step in range(4):
+            with meter.step(step, batch=batch()):
+                model(**batch()).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        return [r.flops for r in meter.records]
+
+    cached, counted = run("cached"), run("measured")
+    assert counted[0] > counted[1] == counted[2] == counted[3]  # the first step ran the measuring forward too
+    assert cached == counted
