@@ -1,8 +1,9 @@
 """SAFE's progress and the meter's figures go through the Trainer's logging path (peft_safe/reporting.py): every
 ``report_to`` integration's ``on_log`` sees them, and the package's log lines follow transformers' verbosity.
 
-TensorBoard is not installed in this environment, so an integration is stood in for by a TrainerCallback listed
-*before* SAFE's callbacks, where the Trainer puts its ``report_to`` integrations (they run first in ``on_log``).
+Most tests stand an integration in by a TrainerCallback listed *before* SAFE's callbacks, where the Trainer puts
+its ``report_to`` integrations (they run first in ``on_log``); the last one runs with ``report_to=["tensorboard"]``
+and reads the event file back with TensorBoard's own reader.
 """
 
 from __future__ import annotations
@@ -121,3 +122,48 @@ def test_a_level_the_user_set_is_left_alone(tiny, tmp_path, package_logger):
     transformers.logging.set_verbosity_info()
     trainer_for(tiny, tmp_path, [SAFECallback([tiny.batch(batch=4, seed=9)])], steps=2, disable_tqdm=True).train()
     assert package_logger.level == logging.ERROR
+
+
+def test_safe_and_memory_scalars_reach_a_tensorboard_event_file(tiny, tmp_path, monkeypatch):
+    # issue 14.2's check: a real report_to="tensorboard" run, its event file read back with TensorBoard's reader
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logdir = tmp_path / "tb"
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(logdir))
+    model = tiny.safe("llama", layers=4, **STEP)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=5, per_device_train_batch_size=4, learning_rate=1e-2,
+        logging_steps=1, save_strategy="no", report_to=["tensorboard"], use_cpu=True, dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=rows(tiny), callbacks=[MeasureCallback(measure_every=2)])
+    trainer.train()  # no SAFECallback: the automatic schedule's records go the same way
+
+    files = list(logdir.glob("events.out.tfevents.*"))
+    assert len(files) == 1, files
+    events = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    # TensorBoardCallback writes every key as train/<key> at the Trainer's global step
+    assert scalars["train/safe/t"] == [(2, 2.0), (4, 4.0)]
+    safe = trainer.model.base_model
+    frozen_at = safe.freeze_state.frozen  # unit -> the time it froze
+    assert frozen_at, "no unit froze"
+    assert scalars["train/safe/frozen_units"] == [(t, sum(when <= t for when in frozen_at.values())) for t in (2, 4)]
+    assert [step for step, _ in scalars["train/safe/threshold"]] == [2, 4]
+    assert [value for _, value in scalars["train/safe/threshold"]] == pytest.approx([safe.threshold(2),
+                                                                                     safe.threshold(4)])
+    assert all(0 <= value <= 1 for _, value in scalars["train/safe/threshold"])
+    importance = {tag: values for tag, values in scalars.items() if tag.startswith("train/safe/importance/")}
+    assert len(importance) == len(safe.adapter_units)
+    assert all(len(values) == 2 and all(value >= 0 for _, value in values) for values in importance.values())
+    assert max(value for values in importance.values() for _, value in values[:1]) == pytest.approx(1.0)  # normalized
+    newly = events.Tensors("train/safe/newly_frozen/text_summary")  # strings go in as text
+    assert [e.step for e in newly] == [2, 4]
+    memory = scalars["train/memory/training_bytes"]
+    assert [step for step, _ in memory] == [1, 3, 5]
+    assert all(value > 0 for _, value in memory)
+    for part in ("activation_bytes", "gradient_bytes", "optimizer_state_bytes"):
+        assert all(value >= 0 for _, value in scalars[f"train/memory/{part}"])
+    assert [step for step, _ in scalars["train/loss"]] == [1, 2, 3, 4, 5]  # the loss lines are all there

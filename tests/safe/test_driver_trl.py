@@ -1,6 +1,7 @@
-"""TRL's SFTTrainer (plain and 4-bit) and DPOTrainer with ``peft_config=SAFEConfig(...)`` on a tiny random LLaMA,
+"""TRL's SFTTrainer and DPOTrainer (plain and 4-bit) with ``peft_config=SAFEConfig(...)`` on a tiny random LLaMA,
 with and without SAFECallback: units freeze, frozen parameters leave the Trainer's optimizer, TRL's own metrics
-stay on their loss lines. Issue 14.1: before, the run without the callback trained as plain LoRA."""
+stay on their loss lines, and DPO's reference (the adapters disabled) is the base model. Issue 14.1: before, the
+run without the callback trained as plain LoRA."""
 
 from __future__ import annotations
 
@@ -69,16 +70,17 @@ def test_sft_trainer_freezes_units(tiny, tmp_path, with_callback):
     assert len(losses) == 7 and all("mean_token_accuracy" in e for e in losses)  # TRL's metrics stay theirs
 
 
-def test_sft_trainer_on_a_4bit_base_freezes_units(tiny, tmp_path):
+def four_bit_llama(tiny, path):
+    """The tiny LLaMA saved to ``path`` and loaded back in 4 bits (bitsandbytes NF4): the same weights each call."""
     pytest.importorskip("bitsandbytes")
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
-    tiny.llama(layers=LAYERS).save_pretrained(tmp_path / "base")
+    if not path.exists():
+        tiny.llama(layers=LAYERS).save_pretrained(path)
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                       bnb_4bit_compute_dtype=torch.float32)
     try:
-        model = LlamaForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quantization,
-                                                 dtype=torch.float32)
+        model = LlamaForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=torch.float32)
     except Exception as exc:  # pragma: no cover - depends on the bitsandbytes build
         pytest.skip(f"bitsandbytes 4-bit does not load here ({type(exc).__name__}: {exc})")
     import bitsandbytes as bnb
@@ -86,7 +88,11 @@ def test_sft_trainer_on_a_4bit_base_freezes_units(tiny, tmp_path):
     for layer in model.modules():
         if isinstance(layer, bnb.nn.Linear4bit):
             layer.support_avx512bf16_for_cpu = False  # see test_qlora.py: one kernel on every CPU
-    trainer = sft(tmp_path / "run", model.train())
+    return model
+
+
+def test_sft_trainer_on_a_4bit_base_freezes_units(tiny, tmp_path):
+    trainer = sft(tmp_path / "run", four_bit_llama(tiny, tmp_path / "base").train())
     check_frozen(trainer)
 
 
@@ -103,3 +109,39 @@ def test_dpo_trainer_freezes_units(tiny, tmp_path, with_callback):
     trainer.train()
     check_frozen(trainer)
     assert trainer.model.base_model.auto_driver.active is (not with_callback)
+
+
+def completion_logps(model, batch) -> torch.Tensor:
+    """Summed log-probabilities of each row's completion tokens, from the model's full logits."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    per_token = logps.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    return (per_token * batch["completion_mask"][:, 1:]).sum(dim=1)
+
+
+def test_dpo_trainer_on_a_4bit_base_freezes_units_and_its_reference_is_the_base(tiny, tmp_path):
+    # TRL's reference model for a peft_config run is the policy with its adapters disabled (peft's
+    # disable_adapter): with units frozen, that must still be exactly the quantized base
+    tokenizer = tiny_tokenizer()
+    dataset = datasets.Dataset.from_dict(
+        {"prompt": tiny_texts(32, 6, 0), "chosen": tiny_texts(32, 4, 1), "rejected": tiny_texts(32, 4, 2)}
+    )
+    args = trl.DPOConfig(**common_args(tmp_path / "run", steps=5))
+    trainer = trl.DPOTrainer(model=four_bit_llama(tiny, tmp_path / "base").train(), args=args,
+                             train_dataset=dataset, processing_class=tokenizer, peft_config=safe_config())
+    trainer.train()
+    check_frozen(trainer)
+    assert trainer.model.base_model.auto_driver.active
+    losses = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 5 and all("rewards/chosen" in e for e in losses)  # DPO's metrics, from the reference
+
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.eval()
+    ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.model, batch)  # TRL's reference path
+    base = four_bit_llama(tiny, tmp_path / "base").eval()  # the same base, never wrapped
+    expected = completion_logps(base, batch)
+    assert torch.allclose(torch.cat([ref_chosen, ref_rejected]), expected, rtol=1e-4, atol=1e-4)
+    policy = completion_logps(trainer.model, batch)
+    assert not torch.allclose(policy, expected, rtol=1e-3, atol=1e-3)  # adapters on again: the policy differs
+    assert trainer.model.base_model.frozen_units  # disabling and re-enabling the adapters kept the freeze state

@@ -1,0 +1,121 @@
+"""SAFE under accelerate's FSDP2 integration, 2 CPU processes (gloo): tests/safe/_accelerate_fsdp_worker.py.
+
+accelerate itself does not select FSDP on a CPU (the first test pins that: ``Accelerator(cpu=True, fsdp_plugin=...)``
+is ``MULTI_CPU`` and would wrap in DDP), so the worker sets ``DistributedType.FSDP`` on accelerate's shared state
+after building the Accelerator; prepare, the sharding, the optimizer's parameter swap and the checkpoints are then
+accelerate's own FSDP2 code. tests/safe/test_fsdp.py covers ``fully_shard`` without accelerate.
+
+Both ranks freeze the same units; the frozen DTensors and their state leave the optimizer accelerate prepared;
+``save_state`` with ``state_dict_type="FULL_STATE_DICT"`` resumes in fresh processes to the weights and freeze state
+of the uninterrupted run. With accelerate's default ``SHARDED_STATE_DICT`` the resume fails (xfail below): SAFE's
+freeze state is a uint8 tensor whose length depends on its content, and ``torch.distributed.checkpoint`` loads into
+the fresh model's tensors, refusing any whose size differs from the saved one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+REPO = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).resolve().with_name("_accelerate_fsdp_worker.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(out_dir: Path, phase: str, state_dict_type: str) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "TORCHELASTIC_"))}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+               "127.0.0.1", "--master_port", str(_free_port()), str(WORKER), str(out_dir), phase, state_dict_type]
+    log_path = out_dir / f"{phase}.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            returncode = proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            returncode = None
+    assert returncode == 0, log_path.read_text(errors="replace")[-4000:]
+    return [json.loads((out_dir / f"{phase}{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with the gloo backend is not available")
+    cache = {}
+
+    def run(state_dict_type: str) -> dict:
+        if state_dict_type not in cache:
+            out_dir = tmp_path_factory.mktemp(state_dict_type.lower())
+            cache[state_dict_type] = {phase: _launch(out_dir, phase, state_dict_type) for phase in ("train", "resume")}
+        return cache[state_dict_type]
+
+    return run
+
+
+def test_accelerate_does_not_select_fsdp_on_a_cpu(runs):
+    # if this fails, accelerate runs FSDP on a CPU by itself: drop the override in the worker
+    for rank in runs("FULL_STATE_DICT")["train"]:
+        assert rank["selected"] == "DistributedType.MULTI_CPU"
+
+
+def test_every_rank_freezes_the_same_units_and_the_frozen_dtensors_leave_the_prepared_optimizer(runs):
+    first, second = runs("FULL_STATE_DICT")["train"]
+    assert first["prepared"] == "FSDPPeftModelForCausalLM" and first["sharded"]
+    assert first["frozen_units"] and first["frozen_units"] == second["frozen_units"]
+    assert first["history"] == second["history"]
+    assert [h["t"] for h in first["history"]] == [2, 4, 6]
+    for rank in (first, second):
+        assert rank["frozen_params"] > 0 and rank["frozen_sharded"]
+        assert rank["frozen_in_optimizer"] == 0 and rank["frozen_with_state"] == 0
+
+
+def _check_resume(run: dict) -> None:
+    for trained, resumed in zip(run["train"], run["resume"]):
+        assert resumed["load_state"] == "ok"
+        assert resumed["frozen_units"] == trained["frozen_units"]
+        assert resumed["history"] == trained["history"]
+        assert resumed["loaded_weights_equal"] and resumed["final_weights_equal"]
+        assert resumed["final_frozen_units"] == trained["frozen_units"]
+        # The fresh optimizer was prepared over every adapter parameter before load_state froze units: the frozen
+        # ones stay in its groups, but get no gradient, so no step and no state (what makes the weights equal)
+        assert resumed["frozen_with_state"] == 0
+
+
+def test_save_state_with_a_full_state_dict_resumes_like_an_uninterrupted_run(runs):
+    _check_resume(runs("FULL_STATE_DICT"))
+
+
+class KnownGap(AssertionError):
+    """The failure the xfail below expects, and no other (a launch that fails otherwise is a failure)."""
+
+
+@pytest.mark.xfail(strict=True, raises=KnownGap,
+                   reason="torch.distributed.checkpoint refuses SAFE's extra-state tensor: its size differs between "
+                          "the saved (trained) and the fresh model")
+def test_save_state_with_a_sharded_state_dict_resumes_like_an_uninterrupted_run(runs):
+    run = runs("SHARDED_STATE_DICT")
+    for resumed in run["resume"]:
+        error = resumed["load_state"]
+        if error != "ok" and "Size mismatch between saved" in error and "base_model._extra_state" in error:
+            raise KnownGap(error)
+    _check_resume(run)
