@@ -10,8 +10,8 @@ The plan checkpoints the lowest live blocks first and stops checkpointing as soo
 checkpointing again. Backward runs top down, so by the time the highest checkpointed block is recomputed every
 block above it has been backpropagated and freed:
 
-    peak = outside + max(sum(kept of checkpointed) + sum(saved of the others),
-                         max over checkpointed i of (kept of checkpointed blocks up to i) + saved of i)
+    peak = max(outside + sum(kept of checkpointed) + sum(saved of the others),
+               max over checkpointed i of (kept of checkpointed blocks up to i) + saved of i)
 
 Pure: imports only the standard library.
 """
@@ -115,10 +115,12 @@ def predicted_peak(costs: BlockCosts, first_live: int, checkpointed: Sequence[bo
     kept = sum(costs.kept[i] for i in live if checkpointed[i])
     end_of_forward = costs.outside + kept + sum(costs.saved[i] for i in live if not checkpointed[i])
     peak, below = end_of_forward, 0
-    for i in live:  # recomputing checkpointed block i: the inputs kept up to it, and its own saved tensors
+    # recomputing checkpointed block i: the inputs kept up to it and its own saved tensors (the head's were freed
+    # by its backward, the unchecked blocks' above by theirs)
+    for i in live:
         if checkpointed[i]:
             below += costs.kept[i]
-            peak = max(peak, costs.outside + below + costs.saved[i])
+            peak = max(peak, below + costs.saved[i])
     return peak
 
 

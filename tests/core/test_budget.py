@@ -14,9 +14,8 @@ COSTS = BlockCosts(tokens=100, saved=[40, 40, 40, 40], kept=[4, 4, 4, 4], outsid
 def brute_force_peak(costs: BlockCosts, first_live: int, checkpointed: list[bool]) -> int:
     """Bytes alive at every moment of a step, walked event by event (forward up, backward down)."""
     live = [i for i in range(len(costs.saved)) if i >= first_live]
-    held = costs.outside  # the head's graph is alive from the end of forward until its backward; counted throughout
-    held += sum(costs.kept[i] if checkpointed[i] else costs.saved[i] for i in live)
-    peak = held
+    held = sum(costs.kept[i] if checkpointed[i] else costs.saved[i] for i in live)
+    peak = held + costs.outside  # the end of forward; the head's backward then frees what it saved
     for i in reversed(live):  # backward, top down
         if checkpointed[i]:
             peak = max(peak, held + costs.saved[i])  # recomputed, while its input is still kept
@@ -61,7 +60,7 @@ def test_blocks_below_the_cut_are_never_checkpointed_and_freezing_gives_checkpoi
 def test_an_unreachable_budget_checkpoints_every_live_block_and_reports_the_peak_over_it():
     flags, peak = plan_checkpointing(COSTS, 1, budget=20)
     assert flags == [False, True, True, True]
-    assert peak == 10 + 12 + 40 > 20
+    assert peak == 12 + 40 > 20  # recomputing the top block, its input and the two below it kept
 
 
 def test_costs_scale_with_tokens_and_round_up():
