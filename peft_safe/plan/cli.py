@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from .budget import budget_json, format_budget, largest_batch, plan_budget
 from .formulas import format_table, plan_json, plan_memory
 from .shapes import ALL_PROJECTIONS, DEFAULT_TARGETS, DTYPE_BYTES, PRESETS, PlanSettings, resolve_model
 from .validation import format_validation, slice_7b_cases, validate
@@ -39,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default=None,
                    help="activations and unquantized weights (default float32 for 4/8/32 bits, bfloat16 for 16)")
     p.add_argument("--adapter-dtype", choices=sorted(DTYPE_BYTES), default="float32")
+    p.add_argument("--memory", type=float, default=None, metavar="GIB",
+                   help="also plan a GPU of this many GiB: LoRA, LoRA + checkpointing and SAFE under "
+                        "memory_budget (the blocks it checkpoints at several frozen depths), and the largest batch "
+                        "each fits")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes)")
     p.add_argument("--validate", action="store_true",
                    help="measure tiny LLaMA models on this machine and print planned vs measured")
@@ -78,6 +83,20 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as exc:
         build_parser().error(str(exc))
+    if args.memory is not None and not args.memory > 0:
+        build_parser().error(f"--memory must be a positive number of GiB, got {args.memory}; e.g. --memory 24.")
     rows = plan_memory(shape, settings)
-    print(json.dumps(plan_json(shape, settings, rows), indent=1) if args.json else format_table(shape, settings, rows))
+    memory = None if args.memory is None else int(args.memory * (1 << 30))
+    budget = None if memory is None else plan_budget(shape, settings, memory)
+    if args.json:
+        out = plan_json(shape, settings, rows)
+        if budget is not None:
+            out["memory"] = {"bytes": memory, "rows": budget_json(budget), "largest_batch": {
+                name: largest_batch(shape, settings, memory, name)
+                for name in ("LoRA", "LoRA + checkpointing", "SAFE k=0")}}
+        print(json.dumps(out, indent=1))
+    else:
+        print(format_table(shape, settings, rows))
+        if budget is not None:
+            print("\n" + format_budget(shape, settings, memory, budget))
     return 0

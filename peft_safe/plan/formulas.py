@@ -11,8 +11,8 @@ which tensors require grad and names every saved storage, so storages shared by 
 once and nothing is saved where no gradient flows (the frozen bottom blocks, the part of the lowest trainable
 block before its first adapter). ``docs/plan.md`` lists the formulas and their assumptions.
 
-Imports: the standard library and :mod:`peft_safe.plan.shapes` only. Pure arithmetic: never torch, peft,
-transformers, the SAFE tuner or the measurement code.
+Imports: the standard library, :mod:`peft_safe.plan.shapes` and the pure ``core.budget`` (the costs SAFE's memory
+budget plans with). Pure arithmetic: never torch, peft, transformers, the SAFE tuner or the measurement code.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..core.budget import BlockCosts
 from .shapes import DTYPE_BYTES, ModelShape, PlanSettings
 
-__all__ = ["MemoryRow", "format_table", "plan_json", "plan_memory"]
+__all__ = ["MemoryRow", "block_costs", "format_table", "plan_json", "plan_memory"]
 
 _FLOAT32 = 4
 _INT64 = 8
@@ -170,6 +171,26 @@ def _plan_activations(
     inputs = len(blocks) * tokens * shape.hidden_size * act
     held = inputs + head
     return max(held, inputs + max(blocks) + rope_bytes), held
+
+
+def block_costs(shape: ModelShape, settings: PlanSettings) -> BlockCosts:
+    """What each block saves and keeps when checkpointed, as SAFE's memory budget measures it on its first batch.
+
+    Every block trains (warm-up); the first block's input requires grad only with 4/8-bit weights
+    (``prepare_model_for_kbit_training``'s hook), the others' always. A checkpointed block keeps its input; the
+    head, the loss and the rotary cos/sin are outside the blocks.
+    """
+    tokens = settings.tokens
+    act = DTYPE_BYTES[settings.dtype]
+    saved, rope = [], False
+    for index in range(shape.num_layers):
+        block, uses_rope = _block_saved(shape, settings, index > 0 or settings.bits in (4, 8))
+        saved.append(sum(block.values()))
+        rope = rope or uses_rope
+    labels = (settings.seq_len + 1 if settings.batch_size == 1 else tokens) * _INT64
+    head = tokens * shape.hidden_size * _FLOAT32 + tokens * _FLOAT32 + tokens * shape.vocab_size * _FLOAT32
+    outside = head + labels + _FLOAT32 + (2 * settings.seq_len * shape.head_dim * act if rope else 0)
+    return BlockCosts(tokens, saved, [tokens * shape.hidden_size * act] * shape.num_layers, outside)
 
 
 def _weight_bytes(shape: ModelShape, settings: PlanSettings) -> int:
