@@ -334,11 +334,13 @@ class TrainingMeter:
             record.flops = state["counter"].get_total_flops()
             record.flops_counted = True
             # A key's first step may do one-off work (SAFE's memory budget measures its blocks there, a lazy
-            # initialisation...): it keeps its own count, and the key's count is taken from its second step.
+            # initialisation...): it keeps its own count, and the key's count is cached from its second step.
+            # Served steps waiting for a count take the first one of their kind (the run may end before a second).
             if self.flops == "cached" and key not in self._flop_seen:
                 self._flop_seen.add(key)
             elif self.flops == "cached":
                 self._flop_cache[key] = record.flops
+            if self.flops == "cached":
                 pending = self._flop_pending.get(state["flop_key"], [])
                 for earlier in [r for r in pending if bool(r.cache_served) == key[1]]:
                     earlier.flops = record.flops

@@ -55,9 +55,9 @@ def test_cached_flops_count_served_and_computed_steps_each_as_counting_every_ste
     counted_flops = [r.flops for r in counted.records]
     assert [r.flops for r in cached.records] == counted_flops
     assert counted_flops[2] < counted_flops[0]  # a served step skips two of the four blocks' forward
-    # counted: the first two computed steps, then the two served steps after the first served one (the second
-    # of them fills that one in); a kind's count is taken from its second step (the first may do one-off work)
-    assert [r.flops_counted for r in cached.records] == [True, True, False, True, True, False]
+    # counted: the first two computed steps (a kind's count is cached from its second: the first may do one-off
+    # work); a served step not counted waits for the next count of its kind, which the following step makes
+    assert [r.flops_counted for r in cached.records] == [True, True, False, True, False, True]
     assert cached.summary().total_flops == sum(counted_flops)
 
 
@@ -75,3 +75,12 @@ def test_the_cache_figures_reach_the_trainer_logs(tiny):
     assert "memory/cache_served" not in MeasureCallback()._log_entry(run(tiny, "none", cache=False).records[-1])
     safe.peft_config["default"].cache_frozen = False
     assert not any(key.startswith("safe/cache") for key in progress_record(safe, 4, []))
+
+
+def test_a_served_step_waiting_for_a_count_gets_one_even_when_the_run_ends_early(tiny):
+    # two epochs: computed, computed, served, served. The first served step is not counted; the second is its
+    # kind's first count, which it must take (no later step of that kind comes).
+    cached, counted = run(tiny, "cached", epochs=2), run(tiny, "measured", epochs=2)
+    assert [r.cache_served for r in cached.records] == [False, False, True, True]
+    assert all(r.flops is not None for r in cached.records)
+    assert cached.summary().total_flops == sum(r.flops for r in counted.records)
