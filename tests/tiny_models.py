@@ -101,3 +101,31 @@ def load_example(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_4bit_llama(path, quant_type: str = "nf4", double_quant: bool = False,
+                    compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A LLaMA saved at ``path`` loaded back in 4 bits (bitsandbytes); skips the test where 4-bit does not load.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight on its first eval forward without grad (SAFE's
+    scoring is one) and from then on computes with bfloat16 scales: other numbers than a freshly loaded base gives,
+    and an error for rows shorter than the 64-value quantization block, as tiny ones are. The tests compare exact
+    numbers across machines, so they keep one kernel.
+    """
+    import pytest
+
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                      bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype)
+    try:
+        model = LlamaForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=compute_dtype)
+    except Exception as exc:  # pragma: no cover - depends on the bitsandbytes build
+        pytest.skip(f"bitsandbytes 4-bit does not load on this machine ({type(exc).__name__}: {exc})")
+    import bitsandbytes as bnb
+
+    for layer in model.modules():
+        if isinstance(layer, bnb.nn.Linear4bit):
+            layer.support_avx512bf16_for_cpu = False
+    return model

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig
-from tiny_models import tiny_texts, tiny_tokenizer
+from tiny_models import load_4bit_llama, tiny_texts, tiny_tokenizer
 
 from peft_safe import SAFECallback, SAFEConfig
 
@@ -72,23 +72,9 @@ def test_sft_trainer_freezes_units(tiny, tmp_path, with_callback):
 
 def four_bit_llama(tiny, path):
     """The tiny LLaMA saved to ``path`` and loaded back in 4 bits (bitsandbytes NF4): the same weights each call."""
-    pytest.importorskip("bitsandbytes")
-    from transformers import BitsAndBytesConfig, LlamaForCausalLM
-
     if not path.exists():
         tiny.llama(layers=LAYERS).save_pretrained(path)
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                      bnb_4bit_compute_dtype=torch.float32)
-    try:
-        model = LlamaForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=torch.float32)
-    except Exception as exc:  # pragma: no cover - depends on the bitsandbytes build
-        pytest.skip(f"bitsandbytes 4-bit does not load here ({type(exc).__name__}: {exc})")
-    import bitsandbytes as bnb
-
-    for layer in model.modules():
-        if isinstance(layer, bnb.nn.Linear4bit):
-            layer.support_avx512bf16_for_cpu = False  # see test_qlora.py: one kernel on every CPU
-    return model
+    return load_4bit_llama(path)
 
 
 def test_sft_trainer_on_a_4bit_base_freezes_units(tiny, tmp_path):

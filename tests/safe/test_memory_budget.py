@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 from peft import get_peft_model
-from tiny_models import tiny_bert
+from tiny_models import load_4bit_llama, tiny_bert
 
 from peft_safe import SAFEConfig
 from peft_safe.measure.memory import PeakMemoryMeter, SavedTensorMeter
@@ -158,19 +158,12 @@ def test_transformers_checkpointing_keeps_its_function_and_gives_the_same_gradie
 
 
 def test_a_4bit_llama_prepared_for_kbit_training_fits_the_budget(tiny, tmp_path):
-    pytest.importorskip("bitsandbytes")
     from peft import prepare_model_for_kbit_training
-    from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
     tiny.llama(layers=4).save_pretrained(tmp_path)
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                      bnb_4bit_compute_dtype=torch.float32)
 
     def build(budget):
-        base = LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quantization, dtype=torch.float32)
-        for module in base.modules():
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
+        base = load_4bit_llama(tmp_path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from tiny_models import PAPER_RULE
+from tiny_models import PAPER_RULE, load_4bit_llama
 from torch import nn
 
 from peft_safe import HoulsbyConfig, PfeifferConfig, SAFEConfig, SAFEModel
@@ -87,27 +87,7 @@ def checkpoint(tiny, tmp_path_factory):
 
 def quantized_base(path: str, case: QCase, checkpointing: bool = True) -> nn.Module:
     """The saved LLaMA quantized as ``case`` says, prepared by ``prepare_model_for_kbit_training``."""
-    from transformers import BitsAndBytesConfig, LlamaForCausalLM
-
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=case.quant_type,
-        bnb_4bit_use_double_quant=case.double_quant,
-        bnb_4bit_compute_dtype=case.compute_dtype,
-    )
-    try:
-        model = LlamaForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=case.compute_dtype)
-    except Exception as exc:  # pragma: no cover - depends on the bitsandbytes build
-        pytest.skip(f"bitsandbytes 4-bit does not load on this machine ({type(exc).__name__}: {exc})")
-    import bitsandbytes as bnb
-
-    for layer in model.modules():
-        if isinstance(layer, bnb.nn.Linear4bit):
-            # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight on its first eval forward without
-            # grad (SAFE's scoring is one) and from then on computes with bfloat16 scales: other numbers than a
-            # freshly loaded base gives, and an error for rows shorter than the 64-value quantization block, as
-            # these tiny ones are. The tests compare exact numbers across machines, so they keep one kernel.
-            layer.support_avx512bf16_for_cpu = False
+    model = load_4bit_llama(path, case.quant_type, case.double_quant, case.compute_dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers renamed gradient_checkpointing_enable
         model = prepare_model_for_kbit_training(
