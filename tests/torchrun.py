@@ -1,7 +1,9 @@
-"""Launching a test worker on 2 CPU processes with torchrun (gloo), for the FSDP tests (not a test module)."""
+"""Launching a test worker on 2 CPU processes with torchrun (gloo), for the FSDP tests (not a test module), and
+what each worker calls first (``start_rank``) and last (``finish_rank``)."""
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import socket
@@ -16,6 +18,27 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def start_rank() -> None:
+    """A rank that crashes in C++ (SIGABRT, SIGSEGV) prints every thread's Python stack into the launch log."""
+    faulthandler.enable(all_threads=True)
+
+
+def finish_rank() -> None:
+    """End a rank once its report is written: wait for the other, tear the process group down, exit at once.
+
+    Exiting with ``os._exit`` skips the interpreter's finalization, where gloo's C++ threads can abort the process
+    ("terminate called without an active exception", pytorch/pytorch#65231) after all the work is done and checked.
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_two_ranks(worker: Path, out_dir: Path, *args: str, log_name: str = "launch.log", timeout: int = 300) -> None:

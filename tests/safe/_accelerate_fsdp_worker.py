@@ -37,6 +37,9 @@ from torch.distributed.tensor import DTensor  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the tiny models
 from conftest import TinyModels  # noqa: E402
+from torchrun import finish_rank, start_rank  # noqa: E402
+
+start_rank()
 
 SCHEDULE = dict(schedule_unit="step", scoring_interval=2, final_freeze_time=6, warmup_cap=2, tau=1.0,
                 importance_scale="normalized", freeze_order="any")
@@ -116,7 +119,9 @@ def main(out_dir: str, phase: str, state_dict_type: str) -> None:
             report["final_weights_equal"] = rank != 0 or _equal(final, expected["final"])
             report["final_frozen_units"] = accelerator.unwrap_model(model).base_model.frozen_units
     (out / f"{phase}{rank}.json").write_text(json.dumps(report))
+    accelerator.wait_for_everyone()
     accelerator.end_training()
+    finish_rank()
 
 
 def _equal(got: dict, expected: dict) -> bool:

@@ -32,6 +32,9 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the tiny models
 from conftest import TinyModels  # noqa: E402
+from torchrun import finish_rank, start_rank  # noqa: E402
+
+start_rank()
 
 STEPS = 7
 SCHEDULE = dict(schedule_unit="step", scoring_interval=2, final_freeze_time=6, warmup_cap=2, tau=1.0,
@@ -87,7 +90,7 @@ def main(out_dir: str) -> None:
     report["ddp_warnings"] = [str(w.message) for w in caught if "SAFE will not freeze" in str(w.message)]
     report["ddp_driver_active"] = ddp.module.base_model.auto_driver.active
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
-    dist.destroy_process_group()
+    finish_rank()
 
 
 if __name__ == "__main__":
