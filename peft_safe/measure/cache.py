@@ -3,7 +3,8 @@
 The meter finds the cache by duck typing, so this layer never imports ``peft_safe.safe``: any module of the model
 holding a ``prefix_cache`` attribute whose ``stats()`` returns the counters of
 :meth:`peft_safe.safe.prefix_cache.PrefixCache.stats` (``served_forwards``, ``row_hits``, ``row_lookups``,
-``memory_bytes``, ``disk_bytes``). A step's figures are the differences of the counters across it.
+``memory_bytes``, ``disk_bytes``), and optionally ``would_serve(batch)``. A step's figures are the differences of
+the counters across it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ class CacheReader:
     def begin(self) -> None:
         """Note the counters at the start of a step."""
         self._start = self.cache.stats() if self.cache is not None else None
+
+    def would_serve(self, batch: Any) -> bool:
+        """The cache's guess, before a step runs, whether its forward on ``batch`` will be served; False without a
+        cache, without a batch, or for a cache that cannot tell (no ``would_serve`` method)."""
+        guess = getattr(self.cache, "would_serve", None)
+        return bool(guess(batch)) if guess is not None and batch is not None else False
 
     def end(self) -> dict[str, Any]:
         """The step's figures: ``cache_served`` (a forward of the step was served from the cache),

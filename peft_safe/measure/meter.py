@@ -263,10 +263,12 @@ class TrainingMeter:
             measure = index % self.measure_every == 0 or changed
         # Which blocks are gradient-checkpointed changes the work (SAFE's memory budget changes it as units freeze).
         flop_key = (trainable, _shapes(batch), _checkpointed(self.model))
-        # a step served from a prefix cache costs less than one that is not: the served flag joins the key once the
-        # step is over, and a served step of a key not counted yet is filled in by the next one counted
+        # A step served from a prefix cache costs less than one that is not: the served flag joins the key once the
+        # step is over. Whether it will be served is the cache's guess now; a served step of a kind not counted yet
+        # that was guessed wrong is filled in by the next one counted.
+        served = self.flops == "cached" and self._cache.would_serve(batch)
         count_flops = self.flops == "measured" and measure or (
-            self.flops == "cached" and ((flop_key, False) not in self._flop_cache or flop_key in self._flop_pending)
+            self.flops == "cached" and ((flop_key, served) not in self._flop_cache or flop_key in self._flop_pending)
         )
         stack = contextlib.ExitStack()
         meter = counter = peak = None

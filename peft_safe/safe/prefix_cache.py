@@ -35,6 +35,7 @@ import shutil
 import tempfile
 import warnings
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -175,6 +176,25 @@ class PrefixCache:
             "invalidations": self.invalidations,
             "refused": self._refused,
         }
+
+    def would_serve(self, inputs: Any) -> bool:
+        """Whether a training forward on ``inputs`` (a batch mapping) would be served from the cache as it stands:
+        every example's row held at the current cut. A guess made before the step (the meter's, to know which
+        steps cost alike): a change of the frozen weights or of the adapters' switches before the forward makes it
+        wrong. Holds no rows and moves no hooks."""
+        safe = self._safe_ref()
+        config = safe.peft_config.get(safe.active_adapters[0]) if safe is not None and safe.active_adapters else None
+        site = self._site
+        if not (getattr(config, "cache_frozen", False) and isinstance(inputs, Mapping)) or site is None:
+            return False
+        if self._refused is not None or site["output_kind"] is None:
+            return False
+        located = self._locate(safe)  # where the cut is now (a freeze since the last forward moves it)
+        if located is None or f"{located[0]}.{located[1]}" != site["name"]:
+            return False
+        rows = row_keys((), dict(inputs))
+        keys = rows[0] if rows is not None else []
+        return bool(keys) and all(key in self._memory or key in self._disk for key in keys)
 
     @property
     def folder(self) -> str | None:

@@ -14,8 +14,9 @@ pytestmark = pytest.mark.usefixtures("single_thread_torch")
 EXAMPLES, BATCH, SEQ = 8, 4, 6
 
 
-def run(tiny, flops: str, cache: bool = True, epochs: int = 3) -> TrainingMeter:
-    """Three epochs of a tiny BERT under SAFE with units 0 and 1 frozen, each epoch in another order."""
+def run(tiny, flops: str, cache: bool = True, epochs: int = 3, freeze_after: dict | None = None) -> TrainingMeter:
+    """Three epochs of a tiny BERT under SAFE with units 0 and 1 frozen, each epoch in another order;
+    ``freeze_after`` maps a step's index to the units frozen after it."""
     base = tiny.bert(layers=4)
     config = tiny.safe_config("bert", cache_frozen=cache, schedule_unit="step")
     torch.manual_seed(1)
@@ -35,6 +36,7 @@ def run(tiny, flops: str, cache: bool = True, epochs: int = 3) -> TrainingMeter:
                 model(**batch).loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+            model.base_model.freeze((freeze_after or {}).get(meter.records[-1].step, []))
     meter.close()
     return meter
 
@@ -55,9 +57,9 @@ def test_cached_flops_count_served_and_computed_steps_each_as_counting_every_ste
     counted_flops = [r.flops for r in counted.records]
     assert [r.flops for r in cached.records] == counted_flops
     assert counted_flops[2] < counted_flops[0]  # a served step skips two of the four blocks' forward
-    # counted: the first two computed steps (a kind's count is cached from its second: the first may do one-off
-    # work); a served step not counted waits for the next count of its kind, which the following step makes
-    assert [r.flops_counted for r in cached.records] == [True, True, False, True, False, True]
+    # counted: the first two steps of each kind, computed and served (a kind's count is cached from its second: the
+    # first may do one-off work); the cache tells the meter before each step whether it will serve it
+    assert [r.flops_counted for r in cached.records] == [True, True, True, True, False, False]
     assert cached.summary().total_flops == sum(counted_flops)
 
 
@@ -83,4 +85,14 @@ def test_a_served_step_waiting_for_a_count_gets_one_even_when_the_run_ends_early
     cached, counted = run(tiny, "cached", epochs=2), run(tiny, "measured", epochs=2)
     assert [r.cache_served for r in cached.records] == [False, False, True, True]
     assert all(r.flops is not None for r in cached.records)
+    assert cached.summary().total_flops == sum(r.flops for r in counted.records)
+
+
+def test_a_served_step_right_before_a_freeze_gets_its_own_count(tiny):
+    # the first served step (index 2) is the last of its kind: unit 2 freezes after it, the cut moves, the rows go
+    cached = run(tiny, "cached", freeze_after={2: [2]})
+    counted = run(tiny, "measured", freeze_after={2: [2]})
+    assert [r.cache_served for r in cached.records[:4]] == [False, False, True, False]
+    assert cached.records[2].flops_counted and cached.records[2].flops < cached.records[0].flops
+    assert [r.flops for r in cached.records] == [r.flops for r in counted.records]
     assert cached.summary().total_flops == sum(r.flops for r in counted.records)
