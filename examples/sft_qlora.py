@@ -3,6 +3,10 @@
     python examples/sft_qlora.py                # SmolLM2-135M (NF4) on WikiText-2 lines, 200 steps
     python examples/sft_qlora.py --steps 600 --max-length 256
     python examples/sft_qlora.py --tiny         # a tiny random LLaMA, in seconds (what CI runs)
+    python examples/sft_qlora.py --adapter lora # the same run as plain QLoRA, to compare
+
+Each run ends with one line: its steps and time, the training loss of its last steps, the loss and perplexity on
+held-out lines (WikiText-2 validation) and the trainable parameters left.
 
 Against a plain QLoRA run the only change is ``peft_config=SAFEConfig(adapter_config=LoraConfig(...))`` instead
 of ``peft_config=LoraConfig(...)``: no callback, no probe set. SAFE keeps a few of the training batches as its
@@ -17,8 +21,10 @@ The full run needs the offline assets (``SAFE_ASSETS=all bash scripts/setup.sh``
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import tempfile
+import time
 
 import torch
 
@@ -53,6 +59,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--scoring-interval", type=int, default=None, help="steps between scorings (20; --tiny: 2)")
     parser.add_argument("--tau", type=float, default=0.5)
+    parser.add_argument("--adapter", choices=["safe", "lora"], default="safe",
+                        help="safe: peft_config=SAFEConfig(adapter_config=lora); lora: peft_config=lora")
+    parser.add_argument("--eval-size", type=int, default=None, help="held-out lines evaluated (128; --tiny: 16)")
     parser.add_argument("--report-to", default="none", help="the Trainer's report_to, e.g. tensorboard")
     parser.add_argument("--output-dir", default=None)
     args = parser.parse_args(argv)
@@ -68,14 +77,17 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = args.output_dir or tempfile.mkdtemp(prefix="sft_qlora_")
     steps = args.steps or (12 if args.tiny else 200)
     interval = args.scoring_interval or (2 if args.tiny else 20)
+    eval_size = args.eval_size or (16 if args.tiny else 128)
     if args.tiny:
         model_path = os.path.join(output_dir, "tiny-base")
         texts = tiny_base(model_path)
+        texts, held_out = texts[:-eval_size], texts[-eval_size:]
     else:
         from peft_safe.assets import load_wikitext2, smollm2_path
 
         model_path = smollm2_path()
         texts = [line for line in load_wikitext2("train") if len(line.split()) > 8]
+        held_out = [line for line in load_wikitext2("validation") if len(line.split()) > 8][:eval_size]
 
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                       bnb_4bit_compute_dtype=torch.float32)
@@ -93,6 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
     # the one SAFE-specific line: SAFE wraps the LoRA config and drives its own schedule in optimizer steps
     peft_config = SAFEConfig(adapter_config=lora, schedule_unit="step", scoring_interval=interval,
                              final_freeze_time=steps // 2, tau=args.tau, task_type="CAUSAL_LM")
+    if args.adapter == "lora":
+        peft_config = lora
 
     training_args = SFTConfig(
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=args.batch_size, learning_rate=2e-4,
@@ -101,8 +115,21 @@ def main(argv: list[str] | None = None) -> dict:
         gradient_checkpointing=True, dataloader_num_workers=0, seed=0,
     )
     trainer = SFTTrainer(model=model, args=training_args, processing_class=tokenizer,
-                         train_dataset=Dataset.from_dict({"text": texts}), peft_config=peft_config)
+                         train_dataset=Dataset.from_dict({"text": texts}),
+                         eval_dataset=Dataset.from_dict({"text": held_out}), peft_config=peft_config)
+    started = time.perf_counter()
     trainer.train()
+    seconds = time.perf_counter() - started
+    eval_loss = trainer.evaluate()["eval_loss"]
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e][-5:]
+    result = {"adapter": args.adapter, "steps": trainer.state.global_step, "train_seconds": seconds,
+              "train_loss": sum(losses) / len(losses), "eval_loss": eval_loss, "perplexity": math.exp(eval_loss),
+              "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}
+    print(f"{args.adapter}: {result['steps']} steps in {seconds:.0f} s; training loss (last {len(losses)} logs) "
+          f"{result['train_loss']:.4f}; held-out loss {eval_loss:.4f} (perplexity {result['perplexity']:.2f}, "
+          f"{len(held_out)} lines); trainable parameters at the end {result['trainable_parameters']:,}")
+    if args.adapter == "lora":
+        return result
 
     safe = trainer.model.base_model
     print(f"trained {trainer.state.global_step} steps; frozen {len(safe.frozen_units)}/{len(safe.adapter_units)} "
@@ -113,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     adapter_dir = os.path.join(output_dir, "adapter")
     trainer.save_model(adapter_dir)
     print(f"adapter saved to {adapter_dir} (load it after `import peft_safe`; see its README.md)")
-    return {"frozen_units": safe.frozen_units, "units": safe.adapter_units, "adapter_dir": adapter_dir}
+    return {**result, "frozen_units": safe.frozen_units, "units": safe.adapter_units, "adapter_dir": adapter_dir}
 
 
 if __name__ == "__main__":
