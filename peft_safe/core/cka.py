@@ -49,25 +49,30 @@ def _centred_unit_scale(m: torch.Tensor) -> torch.Tensor | None:
     m = m.detach()
     if m.device.type == "mps":  # no float64 on MPS
         m = m.cpu()
-    m = m.to(torch.float64)
     if m.numel() == 0:
         return None
     if not torch.isfinite(m).all():
         raise ValueError("linear_cka got non-finite values (inf or NaN) in its input")
-    col_scale = m.abs().amax(dim=0)  # [d]
+    # One float64 copy, changed in place from here on; max |.| per column as max(amax, -amin), with no |m| copy.
+    m = m.to(torch.float64, copy=True)
+    col_scale = torch.maximum(m.amax(dim=0), m.amin(dim=0).neg())  # [d]
     top = col_scale.max()
     if top == 0:
         return None
-    m = m / top
+    m.div_(top)
     col_scale = col_scale / top
-    m = m - m.mean(dim=0, keepdim=True)
+    m.sub_(m.mean(dim=0, keepdim=True))
     # A constant column leaves rounding noise of order n * eps after centring: count it as zero.
     tol = 4 * max(m.shape[0], 1) * _FLOAT64_EPS
-    m = torch.where(m.abs().amax(dim=0) <= tol * col_scale, torch.zeros_like(m), m)
-    peak = m.abs().max()
+    centred_scale = torch.maximum(m.amax(dim=0), m.amin(dim=0).neg())
+    dead = centred_scale <= tol * col_scale
+    if dead.any():
+        m[:, dead] = 0
+        centred_scale = centred_scale.masked_fill(dead, 0)
+    peak = centred_scale.max()
     if peak == 0:
         return None
-    return m / peak
+    return m.div_(peak)
 
 
 def _cka_feature(xc: torch.Tensor, yc: torch.Tensor) -> float:

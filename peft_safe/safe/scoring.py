@@ -31,6 +31,10 @@ from .units import AdapterUnit
 
 _MODEL_INPUT_NAMES = ("input_ids", "inputs_embeds", "pixel_values", "input_features", "input_values")
 
+# The most bytes of CKA rows scoring holds at once (compute_importance's default): the kept token rows of every unit,
+# with and without adapters, for a whole probe pass. Beyond it, units are scored in groups (one pass each).
+SCORING_MEMORY_BYTES = 1 << 30
+
 
 def _first_tensor(output: Any) -> torch.Tensor | None:
     if isinstance(output, torch.Tensor):
@@ -178,8 +182,14 @@ def compute_importance(
     max_tokens: int,
     seed: int = 0,
     site: str = "block_output",
+    memory_bytes: int | None = SCORING_MEMORY_BYTES,
 ) -> dict[str, float]:
     """Raw importance (1 - linear CKA) of each unit over the probe batches, at ``site``.
+
+    The rows kept for CKA (``max_tokens`` token rows, with and without adapters, per unit or per adapted layer) are
+    held for every unit at once when they fit in ``memory_bytes``; otherwise the units are scored in groups that
+    fit, one pass over the probe set per group, each pass stopping after its group's last unit. The scores are the
+    same either way.
 
     Args:
         model: the model with adapters injected.
@@ -189,6 +199,7 @@ def compute_importance(
             subsampled uniformly.
         seed: seed of the subsampling (the global RNG is not touched).
         site: one of :data:`SCORING_SITES` (see the module docstring).
+        memory_bytes: most bytes of kept rows at once (estimated from the layers' widths); None for no bound.
 
     Returns:
         unit name -> importance in [0, 1].
@@ -209,58 +220,111 @@ def compute_importance(
     per_layer = site == "adapter_output"
     # one accumulator per unit, or per adapted layer of each unit at "adapter_output"
     keys = [(u.name, j) for u in units for j in range(len(u.layers))] if per_layer else [(u.name, 0) for u in units]
-    accumulators = {key: CKAAccumulator(max_tokens=max_tokens, seed=seed + i) for i, key in enumerate(keys)}
+    seeds = {key: seed + i for i, key in enumerate(keys)}
+    batches = probe_batches if isinstance(probe_batches, (list, tuple)) else list(probe_batches)
+    groups = _groups(model, units, keys, batches, max_tokens, per_layer, memory_bytes)
+    per_unit: dict[str, list[float]] = {}
+    for group in groups:
+        accumulators = {key: CKAAccumulator(max_tokens=max_tokens, seed=seeds[key]) for key in group}
+        _probe_pass(model, units, accumulators, batches, site, device, stop_early=len(groups) > 1)
+        for (name, _), value in [(key, acc.value()) for key, acc in accumulators.items()]:
+            per_unit.setdefault(name, []).append(importance_from_cka(value))
+        accumulators.clear()  # this group's rows go before the next group's come
+    return {name: sum(values) / len(values) for name, values in per_unit.items()}
+
+
+class _GroupDone(Exception):
+    """Raised by a hook once every unit of the group being scored has run: the rest of the forward is not needed."""
+
+
+def _probe_pass(model: nn.Module, units: list[AdapterUnit], accumulators: dict, batches: list, site: str,
+                device: torch.device, stop_early: bool) -> None:
+    """One pass over the probe batches, filling ``accumulators`` (keyed (unit name, layer index)), then checked."""
+    per_layer = site == "adapter_output"
+    names = {name for name, _ in accumulators}
+    group = [u for u in units if u.name in names]
     calls: dict[str, list[tuple[tuple, dict, Any]]] = {}
     recording = [False]  # off during the reruns, whose calls must not be captured again
     current_mask: list[torch.Tensor | None] = [None]
+    seen: set[str] = set()  # units of the group that ran in this batch's forward
+    base_out: dict[int, list] = {}  # id(layer) -> outputs of its base layer during its call
 
     def recorder(name: str):
         def hook(module, args, kwargs, output):
             if recording[0]:
                 calls.setdefault(name, []).append((args, kwargs, output))
+                seen.add(name)
+
+        return hook
+
+    def base_recorder(layer: Any):
+        def hook(module, args, output):
+            if recording[0]:
+                base_out.setdefault(id(layer), []).append((output, getattr(output, "_version", None)))
 
         return hook
 
     def layer_scorer(key: tuple[str, int], layer: Any):
-        # Scored at once: the layer's base output is cheap to recompute and its inputs need not be kept.
+        # Scored at once, its inputs not kept. The layer without its adapter is its base layer, whose output the
+        # call just computed: taken when the base layer ran once and its output was not changed in place since,
+        # else recomputed with the adapter switched off.
         def hook(module, args, kwargs, output):
             if not recording[0]:
                 return
-            recording[0] = False
-            try:
-                with _adapters_off([layer]):
-                    baseline = module(*args, **kwargs)
-            finally:
-                recording[0] = True
+            outs = base_out.pop(id(layer), [])
+            if len(outs) == 1 and isinstance(outs[0][0], torch.Tensor) and outs[0][0]._version == outs[0][1]:
+                baseline = outs[0][0]
+            else:
+                recording[0] = False
+                try:
+                    with _adapters_off([layer]):
+                        baseline = module(*args, **kwargs)
+                finally:
+                    recording[0] = True
             x, y = _pair_at_site(site, args, kwargs, output, baseline, key[0])
             accumulators[key].update(x, y, _mask_for(current_mask[0], x))
+            seen.add(key[0])
 
         return hook
+
+    def stopper(module, args, output):
+        if recording[0] and len(seen) == len(group):
+            raise _GroupDone
 
     n_batches = 0
     with _preserved_state(model):
         if per_layer:
-            handles = [
-                layer.register_forward_hook(layer_scorer((u.name, j), layer), with_kwargs=True)
-                for u in units
-                for j, layer in enumerate(u.layers)
-            ]
+            handles = []
+            for u in group:
+                for j, layer in enumerate(u.layers):
+                    if (u.name, j) not in accumulators:
+                        continue
+                    base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else None
+                    if isinstance(base, nn.Module) and base is not layer:
+                        handles.append(base.register_forward_hook(base_recorder(layer)))
+                    handles.append(layer.register_forward_hook(layer_scorer((u.name, j), layer), with_kwargs=True))
         else:
-            handles = [u.module.register_forward_hook(recorder(u.name), with_kwargs=True) for u in units]
+            handles = [u.module.register_forward_hook(recorder(u.name), with_kwargs=True) for u in group]
+        if stop_early:
+            handles.append(group[-1].module.register_forward_hook(stopper))
         try:
-            for batch in probe_batches:
+            for batch in batches:
                 check_probe_batch(model, batch)
                 batch = to_device(batch, device)
                 calls.clear()
+                seen.clear()
+                base_out.clear()
                 current_mask[0] = batch.get("attention_mask") if isinstance(batch, Mapping) else None
                 recording[0] = True
                 try:
                     # use_cache=False: a forward whose blocks are rerun must not append to a KV cache
                     call_model(model, batch, **_no_cache(model, batch))
+                except _GroupDone:
+                    pass
                 finally:
                     recording[0] = False
                 n_batches += 1
-                for unit in units:  # block reruns; at "adapter_output" nothing was recorded, the layers scored already
+                for unit in group:  # block reruns; at "adapter_output" nothing was recorded, the layers scored already
                     for args, kwargs, output in calls.get(unit.name, ()):
                         with _adapters_off(unit.layers):
                             baseline = unit.module(*args, **kwargs)
@@ -270,6 +334,7 @@ def compute_importance(
             for handle in handles:
                 handle.remove()
             calls.clear()
+            base_out.clear()
     if n_batches == 0:
         raise ValueError("the probe set is empty; pass at least one batch to score importance.")
     unused = sorted({name for (name, _), acc in accumulators.items() if acc.n_seen == 0})
@@ -282,7 +347,6 @@ def compute_importance(
             f"units {sorted(single)} saw a single real token over the whole probe set; CKA compares at least 2 "
             "tokens: give the probe set more tokens (longer or more sequences)."
         )
-    per_unit: dict[str, list[float]] = {}
     for (name, _), acc in accumulators.items():
         x, y = acc.rows
         if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
@@ -290,5 +354,52 @@ def compute_importance(
                 f"unit {name!r} produced inf or NaN activations on the probe batches (a {x.dtype} overflow, or NaN in "
                 "the model): its importance cannot be scored. Check the model's outputs, or score in bfloat16/float32."
             )
-        per_unit.setdefault(name, []).append(importance_from_cka(acc.value()))
-    return {name: sum(values) / len(values) for name, values in per_unit.items()}
+
+
+def _width(module: Any) -> int | None:
+    """Features of a layer's output (its base layer's ``out_features``), or None when it does not tell."""
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    for attribute in ("out_features", "nf"):
+        value = getattr(base, attribute, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _real_tokens(batches: list) -> int | None:
+    total = 0
+    for batch in batches:
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+        if isinstance(mask, torch.Tensor):
+            total += int((mask != 0).sum())
+        elif isinstance(ids, torch.Tensor):
+            total += ids.numel()
+        else:
+            return None
+    return total
+
+
+def _groups(model: nn.Module, units: list[AdapterUnit], keys: list, batches: list, max_tokens: int,
+            per_layer: bool, memory_bytes: int | None) -> list[list]:
+    """The accumulator keys split, in model order, into groups whose kept rows fit ``memory_bytes`` (a key larger
+    than that alone); one group when there is no bound or a width or the token count is unknown."""
+    if memory_bytes is None:
+        return [keys]
+    tokens = _real_tokens(batches)
+    rows = min(max_tokens, tokens) if tokens is not None else max_tokens
+    by_name = {u.name: u for u in units}
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    widths = [_width(by_name[name].layers[j]) if per_layer else hidden for name, j in keys]
+    if any(not isinstance(w, int) for w in widths):
+        return [keys]
+    groups: list[list] = [[]]
+    held = 0
+    for key, width in zip(keys, widths):
+        size = 2 * rows * width * 4  # with and without adapters, float32
+        if groups[-1] and held + size > memory_bytes:
+            groups.append([])
+            held = 0
+        groups[-1].append(key)
+        held += size
+    return groups
