@@ -57,8 +57,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (200; --tiny: 12)")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--scoring-interval", type=int, default=None, help="steps between scorings (20; --tiny: 2)")
-    parser.add_argument("--tau", type=float, default=0.5)
+    parser.add_argument("--scoring-interval", type=int, default=None, help="steps between scorings (25; --tiny: 2)")
+    parser.add_argument("--tau", type=float, default=0.3, help="the freezing threshold's end value (the bench's)")
+    parser.add_argument("--probe-tokens", type=int, default=1024,
+                        help="tokens SAFE keeps from the first training batches to score on")
     parser.add_argument("--adapter", choices=["safe", "lora"], default="safe",
                         help="safe: peft_config=SAFEConfig(adapter_config=lora); lora: peft_config=lora")
     parser.add_argument("--eval-size", type=int, default=None, help="held-out lines evaluated (128; --tiny: 16)")
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     output_dir = args.output_dir or tempfile.mkdtemp(prefix="sft_qlora_")
     steps = args.steps or (12 if args.tiny else 200)
-    interval = args.scoring_interval or (2 if args.tiny else 20)
+    interval = args.scoring_interval or (2 if args.tiny else 25)
     eval_size = args.eval_size or (16 if args.tiny else 128)
     if args.tiny:
         model_path = os.path.join(output_dir, "tiny-base")
@@ -103,10 +105,10 @@ def main(argv: list[str] | None = None) -> dict:
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     # the one SAFE-specific line: SAFE wraps the LoRA config and drives its own schedule in optimizer steps
-    peft_config = SAFEConfig(adapter_config=lora, schedule_unit="step", scoring_interval=interval,
-                             final_freeze_time=steps // 2, tau=args.tau, task_type="CAUSAL_LM")
-    if args.adapter == "lora":
-        peft_config = lora
+    # a scoring runs the probe tokens through the model about twice: few of them, on 1,024 tokens
+    peft_config = lora if args.adapter == "lora" else SAFEConfig(
+        adapter_config=lora, schedule_unit="step", scoring_interval=interval, final_freeze_time=steps // 2,
+        tau=args.tau, probe_tokens=args.probe_tokens, task_type="CAUSAL_LM")
 
     training_args = SFTConfig(
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=args.batch_size, learning_rate=2e-4,

@@ -120,15 +120,26 @@ def _no_cache(model: nn.Module, batch: Any) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _preserved_state(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no grad inside; modes, adapter switches and RNG states restored afterwards."""
+    """Eval mode and no grad inside; modes, adapter switches and RNG states restored afterwards.
+
+    bitsandbytes' 4-bit layers are kept from repacking their weights for the CPU inside: on a CPU with
+    AVX512-BF16, ``Linear4bit`` repacks its weight at its first eval forward without grad (bitsandbytes 0.49-0.50,
+    ``support_avx512bf16_for_cpu``) and keeps it packed, and the packed kernel passes no gradient back to its
+    input. Every training step after a scoring would then lose the gradient through the frozen base weights.
+    """
     modes = [(m, m.training) for m in model.modules()]
+    packers = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False) is True]
     cpu_rng = torch.random.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     model.eval()
+    for module in packers:
+        module.support_avx512bf16_for_cpu = False
     try:
         with torch.no_grad():
             yield
     finally:
+        for module in packers:
+            module.support_avx512bf16_for_cpu = True
         for module, mode in modes:
             module.training = mode
         torch.random.set_rng_state(cpu_rng)
