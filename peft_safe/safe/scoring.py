@@ -128,18 +128,20 @@ def _preserved_state(model: nn.Module) -> Iterator[None]:
     input. Every training step after a scoring would then lose the gradient through the frozen base weights.
     """
     modes = [(m, m.training) for m in model.modules()]
-    packers = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False) is True]
+    # bitsandbytes sets the flag to has_avx512bf16(), an int
+    packers = [(m, m.support_avx512bf16_for_cpu) for m in model.modules()
+               if getattr(m, "support_avx512bf16_for_cpu", False)]
     cpu_rng = torch.random.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     model.eval()
-    for module in packers:
+    for module, _ in packers:
         module.support_avx512bf16_for_cpu = False
     try:
         with torch.no_grad():
             yield
     finally:
-        for module in packers:
-            module.support_avx512bf16_for_cpu = True
+        for module, setting in packers:
+            module.support_avx512bf16_for_cpu = setting
         for module, mode in modes:
             module.training = mode
         torch.random.set_rng_state(cpu_rng)
