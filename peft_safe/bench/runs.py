@@ -160,8 +160,9 @@ def _prepare_for_training(base: nn.Module, args: argparse.Namespace) -> nn.Modul
 
         for module in base.modules():
             if isinstance(module, Linear4bit):
-                # bitsandbytes repacks 4-bit weights for AVX512-BF16 CPUs on their first no-grad forward (SAFE's
-                # scoring, or an evaluation), and from then on computes in other numbers: both runs keep one kernel.
+                # bitsandbytes repacks 4-bit weights for AVX512-BF16 CPUs on their first eval forward without grad
+                # (an evaluation; SAFE's scoring prevents it) and from then on computes in other numbers and passes
+                # no gradient to the layer's input: both runs keep the training kernel throughout.
                 module.support_avx512bf16_for_cpu = False
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
