@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["batch_tensors", "call_model", "cuda_device", "model_call", "to_device"]
+__all__ = ["batch_tensors", "call_model", "cuda_device", "model_call", "real_tokens", "to_device"]
 
 
 def model_call(model: nn.Module, batch: Any, **overrides: Any) -> Callable[[], Any]:
@@ -74,3 +74,17 @@ def cuda_device(model: nn.Module, batch: Any = None) -> torch.device | None:
     """The CUDA device a step of ``model`` on ``batch`` runs on, or ``None`` when it runs elsewhere."""
     tensors = [*model.parameters(), *model.buffers(), *batch_tensors(batch)]
     return next((t.device for t in tensors if t.device.type == "cuda"), None)
+
+
+def real_tokens(batch: Any) -> int:
+    """Tokens in a batch: the attention mask's sum, else the first tensor's (batch, sequence) size; 0 without one."""
+    if isinstance(batch, Mapping):
+        mask = batch.get("attention_mask")
+        if isinstance(mask, torch.Tensor):
+            return int(mask.sum())
+        batch = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
+    elif isinstance(batch, (tuple, list)):
+        batch = next((v for v in batch if isinstance(v, torch.Tensor)), None)
+    if not isinstance(batch, torch.Tensor):
+        return 0
+    return int(batch.shape[:2].numel()) if batch.dim() >= 2 else int(batch.numel())

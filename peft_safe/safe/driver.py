@@ -30,13 +30,13 @@ import logging
 import math
 import warnings
 import weakref
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from ..batch import real_tokens
 from ..reporting import find_on_stack, find_trainer, follow_transformers_verbosity, log_to_trainer
 from .distributed import check_ddp, check_trainer_ddp
 from .units import unit_parameters
@@ -74,19 +74,6 @@ def _cache_record(safe: Any) -> dict[str, Any]:
         "safe/cache_disk_bytes": stats["disk_bytes"],
     }
     return {key: value for key, value in figures.items() if value is not None}
-
-
-def _tokens(batch: Any) -> int:
-    if isinstance(batch, Mapping):
-        mask = batch.get("attention_mask")
-        if isinstance(mask, torch.Tensor):
-            return int(mask.sum())
-        batch = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
-    elif isinstance(batch, (tuple, list)):
-        batch = next((v for v in batch if isinstance(v, torch.Tensor)), None)
-    if not isinstance(batch, torch.Tensor):
-        return 0
-    return int(batch.shape[:2].numel()) if batch.dim() >= 2 else int(batch.numel())
 
 
 def _kept(value: Any) -> Any:
@@ -272,7 +259,7 @@ class AutoDriver:
             batch = tuple(_kept(a) for a in args)
         else:
             return
-        tokens = _tokens(batch)
+        tokens = real_tokens(batch)
         if tokens:
             self.probe.append(batch)
             self._probe_tokens += tokens

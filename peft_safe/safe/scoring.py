@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..batch import call_model, to_device
+from ..batch import call_model, real_tokens, to_device
 from ..core.cka import SCORING_SITES, CKAAccumulator, importance_from_cka
 from .units import AdapterUnit
 
@@ -379,28 +379,14 @@ def _width(module: Any) -> int | None:
     return None
 
 
-def _real_tokens(batches: list) -> int | None:
-    total = 0
-    for batch in batches:
-        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-        ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
-        if isinstance(mask, torch.Tensor):
-            total += int((mask != 0).sum())
-        elif isinstance(ids, torch.Tensor):
-            total += ids.numel()
-        else:
-            return None
-    return total
-
-
 def _groups(model: nn.Module, units: list[AdapterUnit], keys: list, batches: list, max_tokens: int,
             per_layer: bool, memory_bytes: int | None) -> list[list]:
     """The accumulator keys split, in model order, into groups whose kept rows fit ``memory_bytes`` (a key larger
     than that alone); one group when there is no bound or a width or the token count is unknown."""
     if memory_bytes is None:
         return [keys]
-    tokens = _real_tokens(batches)
-    rows = min(max_tokens, tokens) if tokens is not None else max_tokens
+    tokens = sum(real_tokens(batch) for batch in batches)
+    rows = min(max_tokens, tokens) if tokens else max_tokens
     by_name = {u.name: u for u in units}
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     widths = [_width(by_name[name].layers[j]) if per_layer else hidden for name, j in keys]
