@@ -57,6 +57,11 @@ def _autocast_state() -> tuple:
     )
 
 
+def _active_config(safe: Any) -> Any:
+    """The active adapter's config of the SAFE tuner, or None (the tuner is gone or has no active adapter)."""
+    return safe.peft_config.get(safe.active_adapters[0]) if safe is not None and safe.active_adapters else None
+
+
 def row_keys(args: tuple, kwargs: dict) -> tuple[list[bytes], list[int], tuple[int, int]] | None:
     """Content keys of a batch's examples, their unpadded lengths and the batch shape; None when not keyable.
 
@@ -160,7 +165,7 @@ class PrefixCache:
         rate (hits / lookups, None before any), rows and bytes held in memory and on disk, invalidations, the cut
         block cached at and why caching was refused (None when it was not)."""
         safe = self._safe_ref()
-        config = safe.peft_config.get(safe.active_adapters[0]) if safe is not None and safe.active_adapters else None
+        config = _active_config(safe)
         return {
             "enabled": bool(getattr(config, "cache_frozen", False)),
             "cut_block": self._site["name"] if self._site else None,
@@ -178,16 +183,12 @@ class PrefixCache:
         }
 
     def would_serve(self, inputs: Any) -> bool:
-        """Whether a training forward on ``inputs`` (a batch mapping) would be served from the cache as it stands:
-        every example's row held at the current cut. A guess made before the step (the meter's, to know which
-        steps cost alike): a change of the frozen weights or of the adapters' switches before the forward makes it
-        wrong. Holds no rows and moves no hooks."""
-        safe = self._safe_ref()
-        config = safe.peft_config.get(safe.active_adapters[0]) if safe is not None and safe.active_adapters else None
-        site = self._site
-        if not (getattr(config, "cache_frozen", False) and isinstance(inputs, Mapping)) or site is None:
-            return False
-        if self._refused is not None or site["output_kind"] is None:
+        """Whether a training forward on ``inputs`` (a batch mapping) would be served now: every example's row held
+        at the current cut. The meter's guess before a step; a change of the frozen weights or of the adapters'
+        switches before the forward makes it wrong. Holds no rows and moves no hooks."""
+        safe, site = self._safe_ref(), self._site
+        enabled = getattr(_active_config(safe), "cache_frozen", False) and isinstance(inputs, Mapping)
+        if not enabled or site is None or self._refused is not None or site["output_kind"] is None:
             return False
         located = self._locate(safe)  # where the cut is now (a freeze since the last forward moves it)
         if located is None or f"{located[0]}.{located[1]}" != site["name"]:
@@ -217,7 +218,7 @@ class PrefixCache:
             handle.remove()
         self._stale_handles = []
         safe = self._safe_ref()
-        config = safe.peft_config.get(safe.active_adapters[0]) if safe is not None and safe.active_adapters else None
+        config = _active_config(safe)
         if not getattr(config, "cache_frozen", False):
             if self._site is not None or self._memory or self._disk:
                 self.clear()
