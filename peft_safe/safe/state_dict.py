@@ -5,7 +5,13 @@
 The SAFE tuner therefore has *extra state*, torch's own mechanism (``get_extra_state`` / ``set_extra_state``,
 key ``<prefix>_extra_state``, which ``torch.distributed.checkpoint`` knows): one uint8 tensor of JSON holding, per
 SAFE adapter, the sealed payload of :func:`~.checkpoint.encode_payload` (without tensor digests: the weights
-beside it are the model's own), and the automatic schedule's optimizer-step count. ``load_state_dict`` checks it
+beside it are the model's own), and the automatic schedule's optimizer-step count.
+
+The tensor has one size, whatever it holds (:data:`EXTRA_STATE_BYTES`: a header, the JSON compressed, zeros):
+``torch.distributed.checkpoint`` (FSDP's and accelerate's ``SHARDED_STATE_DICT``) loads into the fresh model's own
+state-dict tensors and refuses one whose size differs from the saved one, and a fresh model's state is smaller than
+a trained one's. A state too large for it (thousands of scorings of a deep model) is refused at save, naming the
+fix. Tensors written before (plain JSON, sized to their content) still load. ``load_state_dict`` checks it
 (units, adapter type, config) and applies it: the units frozen at save time freeze again, before an optimizer is
 built from the parameters that still train. A state dict without it (saved before this, or by a plain model)
 still loads strictly: a load pre-hook stands in the model's own extra state, which changes nothing.
@@ -16,15 +22,22 @@ Imports: torch, and of this package the ``safe`` sibling ``checkpoint``.
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 from typing import Any
 
 import torch
 
 from .checkpoint import decode_payload, encode_payload
 
-__all__ = ["EXTRA_STATE_FORMAT", "extra_state", "install_state_dict_hooks", "load_extra_state"]
+__all__ = ["EXTRA_STATE_BYTES", "EXTRA_STATE_FORMAT", "extra_state", "install_state_dict_hooks",
+           "load_extra_state"]
 
 EXTRA_STATE_FORMAT = 1
+# The extra state's fixed size: 1 MiB holds the compressed history of about 3,000 scorings of 32 units.
+EXTRA_STATE_BYTES = 1 << 20
+_MAGIC = b"SAFEz"  # then the compressed length (uint32, little-endian), the zlib stream, zeros
+_HEADER = struct.Struct("<5sI")
 _KEY = "_extra_state"  # torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
 
 
@@ -38,7 +51,26 @@ def extra_state(safe: Any) -> torch.Tensor:
     driver = getattr(safe, "auto_driver", None)
     record = {"safe_extra_state": EXTRA_STATE_FORMAT, "adapters": adapters,
               "auto_steps": driver.steps if driver is not None else 0}
-    return torch.frombuffer(bytearray(json.dumps(record, sort_keys=True).encode("utf-8")), dtype=torch.uint8).clone()
+    packed = zlib.compress(json.dumps(record, sort_keys=True).encode("utf-8"), 6)
+    if _HEADER.size + len(packed) > EXTRA_STATE_BYTES:
+        raise ValueError(
+            f"SAFE's freeze state takes {_HEADER.size + len(packed):,} bytes compressed, more than the "
+            f"{EXTRA_STATE_BYTES:,} that model.state_dict() holds for it (one fixed size, so that sharded checkpoints "
+            "load). Save the adapter with save_pretrained, which has no such limit, or score less often "
+            "(a larger scoring_interval)."
+        )
+    out = torch.zeros(EXTRA_STATE_BYTES, dtype=torch.uint8)
+    blob = _HEADER.pack(_MAGIC, len(packed)) + packed
+    out[: len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    return out
+
+
+def _record_text(value: torch.Tensor) -> str:
+    data = bytes(value.reshape(-1).cpu().numpy().tobytes())
+    if data[: len(_MAGIC)] == _MAGIC:
+        _, length = _HEADER.unpack_from(data)
+        return zlib.decompress(data[_HEADER.size : _HEADER.size + length]).decode("utf-8")
+    return data.decode("utf-8")  # written before the fixed size: the JSON itself
 
 
 def load_extra_state(safe: Any, value: Any) -> None:
@@ -50,10 +82,10 @@ def load_extra_state(safe: Any, value: Any) -> None:
     if value is None:
         return  # the stand-in of a state dict saved without extra state
     try:
-        record = json.loads(bytes(value.reshape(-1).tolist()).decode("utf-8"))
+        record = json.loads(_record_text(value))
         adapters = record["adapters"]
         steps = int(record.get("auto_steps", 0))
-    except (AttributeError, TypeError, ValueError, KeyError, UnicodeDecodeError) as err:
+    except (AttributeError, TypeError, ValueError, KeyError, UnicodeDecodeError, zlib.error, struct.error) as err:
         raise ValueError(f"the SAFE extra state in this state dict is malformed ({err}); it is corrupt.") from err
     if record.get("safe_extra_state") != EXTRA_STATE_FORMAT:
         raise ValueError(f"this SAFE extra state has format {record.get('safe_extra_state')!r}; this peft_safe "
@@ -72,7 +104,7 @@ def load_extra_state(safe: Any, value: Any) -> None:
         safe._replace_freeze_state(name, state)
     driver = getattr(safe, "auto_driver", None)
     if driver is not None:
-        driver.steps = steps
+        driver.restart(steps)
 
 
 def _stand_in_for_missing(module: Any, state_dict: dict, prefix: str, *args: Any) -> None:

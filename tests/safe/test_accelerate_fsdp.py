@@ -6,10 +6,10 @@ after building the Accelerator; prepare, the sharding, the optimizer's parameter
 accelerate's own FSDP2 code. tests/safe/test_fsdp.py covers ``fully_shard`` without accelerate.
 
 Both ranks freeze the same units; the frozen DTensors and their state leave the optimizer accelerate prepared;
-``save_state`` with ``state_dict_type="FULL_STATE_DICT"`` resumes in fresh processes to the weights and freeze state
-of the uninterrupted run. With accelerate's default ``SHARDED_STATE_DICT`` the resume fails (xfail below): SAFE's
-freeze state is a uint8 tensor whose length depends on its content, and ``torch.distributed.checkpoint`` loads into
-the fresh model's tensors, refusing any whose size differs from the saved one.
+``save_state`` resumes in fresh processes to the weights and freeze state of the uninterrupted run, with
+accelerate's ``FULL_STATE_DICT`` and with its default ``SHARDED_STATE_DICT`` (where
+``torch.distributed.checkpoint`` loads into the fresh model's tensors and refuses any whose size differs from the
+saved one: SAFE's extra state has one size whatever it holds).
 """
 
 from __future__ import annotations
@@ -77,17 +77,6 @@ def test_save_state_with_a_full_state_dict_resumes_like_an_uninterrupted_run(run
     _check_resume(runs("FULL_STATE_DICT"))
 
 
-class KnownGap(AssertionError):
-    """The failure the xfail below expects, and no other (a launch that fails otherwise is a failure)."""
-
-
-@pytest.mark.xfail(strict=True, raises=KnownGap,
-                   reason="torch.distributed.checkpoint refuses SAFE's extra-state tensor: its size differs between "
-                          "the saved (trained) and the fresh model")
 def test_save_state_with_a_sharded_state_dict_resumes_like_an_uninterrupted_run(runs):
-    run = runs("SHARDED_STATE_DICT")
-    for resumed in run["resume"]:
-        error = resumed["load_state"]
-        if error != "ok" and "Size mismatch between saved" in error and "base_model._extra_state" in error:
-            raise KnownGap(error)
-    _check_resume(run)
+    # issue 22.9: torch.distributed.checkpoint refused SAFE's extra-state tensor (its size followed its content)
+    _check_resume(runs("SHARDED_STATE_DICT"))

@@ -69,3 +69,44 @@ def test_a_state_dict_saved_without_the_freeze_state_still_loads_strictly(tiny):
     fresh.base_model.freeze([0])
     fresh.load_state_dict(state)  # strict
     assert fresh.base_model.frozen_units == ["model.layers.0"]  # nothing to apply: the state is kept
+
+
+def test_the_extra_state_has_one_size_whatever_it_holds(tiny):
+    # issue 22.9: sharded checkpoints (torch.distributed.checkpoint) load into the fresh model's own tensors
+    from peft_safe.safe.state_dict import EXTRA_STATE_BYTES
+
+    fresh = tiny.safe("llama", layers=4).state_dict()["base_model._extra_state"]
+    model = tiny.safe("llama", layers=4)
+    model.base_model.freeze([0, 1], at=3.0)
+    model.base_model.freeze_state.history.extend({"t": t, "scores": {"model.layers.3": 0.5}} for t in range(500))
+    trained = model.state_dict()["base_model._extra_state"]
+    assert fresh.shape == trained.shape == (EXTRA_STATE_BYTES,)
+    target = tiny.safe("llama", layers=4)
+    target.load_state_dict({"base_model._extra_state": trained}, strict=False)
+    assert target.base_model.frozen_units == ["model.layers.0", "model.layers.1"]
+    assert len(target.base_model.freeze_state.history) == 500
+
+
+def test_an_extra_state_written_before_the_fixed_size_still_loads(tiny):
+    import json
+
+    model = tiny.safe("llama", layers=4)
+    model.base_model.freeze([0])
+    from peft_safe.safe.checkpoint import encode_payload
+
+    safe = model.base_model
+    payload = bytes(encode_payload(safe.freeze_state, safe.peft_config["default"], {}).tolist()).decode("utf-8")
+    record = {"safe_extra_state": 1, "adapters": {"default": payload}, "auto_steps": 5}
+    old = torch.frombuffer(bytearray(json.dumps(record, sort_keys=True).encode("utf-8")), dtype=torch.uint8)
+    target = tiny.safe("llama", layers=4)
+    target.load_state_dict({"base_model._extra_state": old}, strict=False)
+    assert target.base_model.frozen_units == ["model.layers.0"] and target.base_model.auto_driver.steps == 5
+
+
+def test_a_freeze_state_too_large_for_the_fixed_size_is_refused_naming_the_fix(tiny, monkeypatch):
+    from peft_safe.safe import state_dict
+
+    monkeypatch.setattr(state_dict, "EXTRA_STATE_BYTES", 64)
+    model = tiny.safe("llama", layers=4)
+    with pytest.raises(ValueError, match="save_pretrained.*scoring_interval"):
+        model.state_dict()
