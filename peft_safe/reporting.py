@@ -19,7 +19,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["find_on_stack", "find_trainer", "follow_transformers_verbosity", "log_to_trainer"]
+__all__ = ["find_on_stack", "find_trainer", "follow_transformers_verbosity", "local_of_running", "log_to_trainer"]
 
 _PACKAGE_LOGGER = "peft_safe"
 
@@ -40,6 +40,22 @@ def find_on_stack(predicate: Any, max_depth: int = 60, skip: int = 1) -> Any:
         obj = frame.f_locals.get("self")
         if obj is not None and predicate(obj):
             return obj
+        frame = frame.f_back
+    return None
+
+
+def local_of_running(obj: Any, name: str, max_depth: int = 60) -> Any:
+    """The local variable ``name`` of the innermost frame above the caller whose ``self`` is ``obj``, or ``None``.
+
+    What a running method was called with and a callback is not handed: the checkpoint a Trainer's ``train()``
+    resumes from is ``resume_from_checkpoint`` of its ``_inner_training_loop``.
+    """
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        if frame is None:
+            return None
+        if frame.f_locals.get("self") is obj and name in frame.f_locals:
+            return frame.f_locals[name]
         frame = frame.f_back
     return None
 

@@ -11,7 +11,6 @@ All schedule state lives in the tuner and is saved with the adapter, so
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 import weakref
 from typing import Any
@@ -20,7 +19,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from ..reporting import find_trainer, follow_transformers_verbosity, log_to_trainer
 from ..safe.distributed import check_trainer_ddp
-from ..safe.driver import progress_record
+from ..safe.driver import progress_record, schedule_length_warning, score_if_due
 from ..safe.model import SAFEModel, find_safe_model
 from ..safe.scoring import check_probe_batch
 from .probe import default_collator, examples_to_batches, is_batch_list, take
@@ -129,9 +128,9 @@ class SAFECallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         safe = self._safe(kwargs["model"])
         check_trainer_ddp(args.world_size, args.ddp_find_unused_parameters)
+        trainer = find_trainer(holding=self) or (self._trainer() if self._trainer is not None else None)
         safe.auto_driver.stand_down("SAFECallback drives the schedule")
         follow_transformers_verbosity()
-        trainer = find_trainer(holding=self) or (self._trainer() if self._trainer is not None else None)
         if trainer is not None:
             self._trainer = weakref.ref(trainer)
         config = safe.safe_config
@@ -142,6 +141,11 @@ class SAFECallback(TrainerCallback):
                 "schedule_unit='step' with scoring_interval (and final_freeze_time) in optimizer steps."
             )
         self._probe_batches = self._build_probe_batches(kwargs["model"], kwargs.get("processing_class"), trainer)
+        length = getattr(state, "max_steps" if config.schedule_unit == "step" else "num_train_epochs", None)
+        too_long = schedule_length_warning(config, length)
+        if too_long is not None:
+            warnings.warn(too_long, UserWarning, stacklevel=2)
+            logger.warning(too_long)
         start = getattr(state, "global_step" if config.schedule_unit == "step" else "epoch", None) or 0
         last = safe.freeze_state.last_scored
         if last is not None and start < last:
@@ -199,15 +203,11 @@ class SAFECallback(TrainerCallback):
         return safe
 
     def _maybe_score(self, safe: SAFEModel, t: float, state: TrainerState, optimizer: Any) -> None:
-        interval = safe.safe_config.scoring_interval
-        ratio = t / interval
-        if t <= 0 or not math.isclose(ratio, round(ratio), abs_tol=1e-6):
-            return
-        if safe.freeze_state.last_scored is not None and t <= safe.freeze_state.last_scored:
-            return  # already scored at this time (a resumed run re-entering the same point)
         if self._probe_batches is None:
             raise RuntimeError("SAFECallback.on_train_begin was not called; add the callback before train().")
-        newly = safe.update_and_freeze(t, self._probe_batches, optimizer=optimizer)
+        newly = score_if_due(safe, t, self._probe_batches, optimizer)  # the automatic schedule's own decision
+        if newly is None:
+            return
         record = progress_record(safe, t, newly)
         self.scorings.append({"step": state.global_step, "epoch": state.epoch, **record})
         trainer = self._trainer() if self._trainer is not None else None

@@ -34,6 +34,8 @@ class FreezeState:
         block_costs: what each block saves for backward, measured for a ``memory_budget`` (the dict form of
             :class:`~peft_safe.core.budget.BlockCosts`); ``None`` without a budget. Saved with the state so a
             resumed run checkpoints the same blocks.
+        optimizer_steps: the optimizer steps SAFE's automatic schedule had counted when it was saved (plain loops
+            count on from there when the adapter is loaded); ``None`` when it was not driving.
     """
 
     units: list[str] = field(default_factory=list)
@@ -46,6 +48,7 @@ class FreezeState:
     final_freeze_time: float | None = None
     format_version: int = FORMAT_VERSION
     block_costs: dict[str, Any] | None = None
+    optimizer_steps: int | None = None
 
     @property
     def phase(self) -> str:
@@ -77,6 +80,8 @@ class FreezeState:
 
     def to_dict(self) -> dict[str, Any]:
         extra = {} if self.block_costs is None else {"block_costs": _costs(self.block_costs)}
+        if self.optimizer_steps is not None:
+            extra["optimizer_steps"] = self.optimizer_steps
         return {**extra,
             "format_version": self.format_version,
             "adapter_type": self.adapter_type,
@@ -122,6 +127,9 @@ class FreezeState:
         for name in ("warmup_end", "last_scored", "final_freeze_time"):
             if not _is_time(data.get(name), allow_none=True):
                 raise ValueError(f"SAFE freeze state: {name!r} must be a number or null, got {data.get(name)!r}.")
+        steps = data.get("optimizer_steps")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+            raise ValueError(f"SAFE freeze state: 'optimizer_steps' must be an int >= 0 or absent, got {steps!r}.")
         return cls(
             units=list(units),
             frozen=dict(frozen),
@@ -133,6 +141,7 @@ class FreezeState:
             final_freeze_time=data.get("final_freeze_time"),
             format_version=version,
             block_costs=_costs(data.get("block_costs")),
+            optimizer_steps=steps,
         )
 
 

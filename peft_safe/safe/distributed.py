@@ -131,3 +131,4 @@ _FROZEN_UNITS_UNDER_DDP = (
     "DistributedDataParallelKwargs(find_unused_parameters=True); Trainer: ddp_find_unused_parameters=True, "
     "its default for peft models)."
 )
+

@@ -7,6 +7,7 @@ a base of :class:`~peft_safe.safe.model.SAFEModel`, before the wrapped tuner in 
 reaches the wrapped tuner's own methods.
 
 Imports: torch, and of this package ``core.state`` and the ``safe`` siblings ``optimizer`` and ``units``.
+Under DeepSpeed ZeRO the frozen parameters are also held still (:mod:`.zero`), through the tuner's ``_zero_hold``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class FrozenUnitsMixin:
 
     _freeze_states: dict[str, FreezeState]
     _backprop_cut: Any
+    _zero_hold: Any  # zero.ZeroHold: frozen parameters a DeepSpeed ZeRO optimizer owns, held still
 
     def _replace_freeze_state(self, adapter_name: str, state: FreezeState) -> None:
         # Units the old state froze that the new one trains become trainable again (unless the adapter is
@@ -70,6 +72,7 @@ class FrozenUnitsMixin:
         for param in frozen_params:
             param.requires_grad_(False)
             param.grad = None
+        self._zero_hold.hold_exactly(frozen_params)  # under ZeRO, requires_grad alone would not stop its updates
         if optimizer is not None and frozen_params:
             drop_from_optimizer(optimizer, frozen_params)
         self._update_backprop_cut()
@@ -128,4 +131,5 @@ class FrozenUnitsMixin:
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self._freeze_states.pop(adapter_name, None)
+        self._apply_freeze_state()  # the cut (and what ZeRO holds) follow the adapters left
 

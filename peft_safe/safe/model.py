@@ -16,6 +16,7 @@ Imports: peft's tuner machinery and this package's ``core`` and ``safe``; never 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Iterable, Sequence
@@ -35,7 +36,7 @@ from .budget import CheckpointBudget
 from .checkpoint import FREEZE_STATE_KEY, check_loadable, decode_payload, encode_payload
 from .config import SAFEConfig
 from .distributed import agree_on_scores
-from .driver import AutoDriver
+from .driver import AutoDriver, resume_steps
 from .freezing import FrozenUnitsMixin, check_something_trains
 from .optimizer import check_optimizer
 from .prefix_cache import PrefixCache
@@ -52,6 +53,7 @@ from .units import (
     unit_parameters,
 )
 from .weights_file import note_payload
+from .zero import ZeroHold
 
 __all__ = ["SAFEModel", "find_safe_model"]
 
@@ -135,6 +137,7 @@ class SAFEModel(FrozenUnitsMixin, BaseTuner):
         # set before injection: peft's injection calls set_adapter, which re-applies the freeze state
         self._freeze_states: dict[str, FreezeState] = {}
         self._backprop_cut = BackpropCut()
+        self._zero_hold = ZeroHold()  # DeepSpeed ZeRO: frozen units' slices written back after each step
         super().__init__(model, config, adapter_name, **kwargs)
         self.auto_driver = AutoDriver(self)  # drives the schedule while nothing else does (see driver.py)
         self.prefix_cache = PrefixCache(self)  # after the driver's hook: it sees the cut a freeze just moved
@@ -316,6 +319,7 @@ class SAFEModel(FrozenUnitsMixin, BaseTuner):
         """
         self._live_units("restart the schedule")
         self._new_freeze_state_replacing(self.safe_adapter_name)
+        self.auto_driver.restart(0)
 
     def freeze(
         self, units: Sequence[str | int], optimizer: torch.optim.Optimizer | None = None, at: float | None = None
@@ -405,7 +409,11 @@ class SAFEModel(FrozenUnitsMixin, BaseTuner):
         if safe is None or adapter_name not in safe._freeze_states:
             raise ValueError(f"cannot save SAFE adapter {adapter_name!r}: no SAFE tuner holding its freeze state.")
         safe._live_units("save the SAFE adapter", adapter_name)  # before peft writes anything
-        out[FREEZE_STATE_KEY] = encode_payload(safe._freeze_states[adapter_name], config, out)
+        state = safe._freeze_states[adapter_name]
+        driver = safe.auto_driver
+        if driver.active and driver.steps and adapter_name == safe.safe_adapter_name:
+            state = dataclasses.replace(state, optimizer_steps=driver.steps)  # a plain loop counts on after a load
+        out[FREEZE_STATE_KEY] = encode_payload(state, config, out)
         note_payload(config, out[FREEZE_STATE_KEY])  # the config's save records which file carries it
         return out
 
@@ -428,5 +436,8 @@ class SAFEModel(FrozenUnitsMixin, BaseTuner):
             model=model, config=config.adapter_config, adapter_name=adapter_name, state_dict=state_dict
         )
         check_loadable(remapped, model)
+        steps, state.optimizer_steps = resume_steps(state), None  # the count lives in the driver from here on
         safe._replace_freeze_state(adapter_name, state)  # everything checked: only now is the model touched
+        if safe.active_adapters and adapter_name == safe.safe_adapter_name:
+            safe.auto_driver.restart(steps)
         return remapped

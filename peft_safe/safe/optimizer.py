@@ -31,9 +31,18 @@ def check_optimizer(optimizer: Any) -> None:
 
 
 def drop_from_optimizer(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
-    """Delete the state of ``params`` and take them out of the optimizer's parameter groups."""
+    """Delete the state of ``params`` and take them out of the optimizer's parameter groups.
+
+    A group built from named parameters (``param_names`` beside ``params``, torch >= 2.6) loses the names of the
+    parameters it loses, so every name left still belongs to its parameter (``optimizer.state_dict()`` keys
+    Adam's moments by them).
+    """
     ids = {id(p) for p in params}
     for param in params:
         optimizer.state.pop(param, None)
     for group in optimizer.param_groups:
-        group["params"] = [p for p in group["params"] if id(p) not in ids]
+        keep = [id(p) not in ids for p in group["params"]]
+        names = group.get("param_names")
+        if names is not None and len(names) == len(keep):
+            group["param_names"] = [name for name, kept in zip(names, keep) if kept]
+        group["params"] = [p for p, kept in zip(group["params"], keep) if kept]

@@ -140,8 +140,117 @@ def test_under_a_trainer_an_epoch_schedule_scores_at_epoch_ends(tiny, tmp_path):
     trainer = Trainer(model=model, args=args, train_dataset=rows)
     trainer.train()
     safe = model.base_model
-    # epochs 1 and 2 end; the driver acts at the first forward of the next epoch (no forward follows epoch 3)
-    assert [h["t"] for h in safe.freeze_state.history] == [1, 2]
+    # the Trainer's clock: scored at each epoch's end, the last one included, as SAFECallback does
+    assert [h["t"] for h in safe.freeze_state.history] == [1, 2, 3]
     assert safe.frozen_units
     records = [e for e in trainer.state.log_history if "safe/t" in e]
-    assert [(r["safe/t"], r["step"]) for r in records] == [(1, 3), (2, 6)]
+    assert [(r["safe/t"], r["step"]) for r in records] == [(1, 3), (2, 6), (3, 9)]
+
+
+# ------------------------------------------------------------------ issue 22: the one-line path holds
+def history_times(model) -> list[float]:
+    return [h["t"] for h in model.base_model.freeze_state.history]
+
+
+def test_a_replaced_optimizer_is_followed(tiny):
+    # issue 22.3: a loop that replaces its optimizer kept the driver bound to the first one (one scoring in 13)
+    model, first = lm_model(tiny)
+    train(model, first, tiny, steps=4)
+    second = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    train(model, second, tiny, steps=5)
+    assert history_times(model) == [2, 4, 6, 8]
+    assert model.base_model.auto_driver.optimizer is second
+    frozen = {id(p) for n, p in model.named_parameters() if "lora_" in n and not p.requires_grad}
+    assert frozen and not optimizer_ids(second) & frozen  # the units frozen later left the new optimizer
+
+
+def test_a_plain_loop_resumed_through_from_pretrained_counts_on(tiny, tmp_path):
+    # issue 22.2: the loaded driver counted from 0, so the steps up to the saved last scoring were skipped
+    from peft import PeftModel
+
+    model, optimizer = lm_model(tiny)
+    train(model, optimizer, tiny, steps=7)
+    assert history_times(model) == [2, 4, 6] and model.base_model.auto_driver.steps == 7
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny.llama(layers=4), tmp_path, is_trainable=True).train()
+    assert loaded.base_model.auto_driver.steps == 7
+    optimizer = torch.optim.AdamW([p for p in loaded.parameters() if p.requires_grad], lr=1e-2)
+    train(loaded, optimizer, tiny, steps=4)  # steps 8-11: scored at the forwards after steps 8 and 10
+    assert history_times(loaded) == [2, 4, 6, 8, 10]
+
+
+def test_restart_schedule_counts_the_plain_loop_from_zero(tiny):
+    model, optimizer = lm_model(tiny)
+    train(model, optimizer, tiny, steps=7)
+    model.base_model.restart_schedule()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    train(model, optimizer, tiny, steps=3)
+    assert history_times(model) == [2]  # the new run's step 2, not the old run's step 8 seen as past t_f
+    assert not model.base_model.frozen_units  # one scoring: still warming up
+
+
+def test_without_task_type_the_schedule_still_runs(tiny):
+    # issue 22.4: a plain PeftModel calls the wrapped model directly, past the tuner's hook: nothing was scored
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    config = tiny.safe_config("llama", lora=lora, task_type=None, **STEP)
+    model = get_peft_model(tiny.llama(layers=4), config).train()
+    assert type(model).__name__ == "PeftModel"
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(1, 8):
+        batch = tiny.batch(seed=step)
+        logits = model(**batch).logits
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["input_ids"].flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert history_times(model) == [2, 4, 6] and model.base_model.frozen_units
+
+
+def test_with_a_task_type_a_forward_is_seen_once(tiny):
+    model, optimizer = lm_model(tiny)
+    batch = tiny.batch()
+    model(**batch, labels=batch["input_ids"])
+    assert len(model.base_model.auto_driver.probe) == 1  # the tuner's hook and the wrapped model's: one acts
+
+
+def test_training_in_eval_mode_runs_the_schedule(tiny):
+    # issue 22.5: model.eval() with gradients on (dropout off) is training; the driver saw no training forward
+    model, optimizer = lm_model(tiny)
+    model.eval()
+    train(model, optimizer, tiny, steps=7)
+    assert history_times(model) == [2, 4, 6] and model.base_model.frozen_units
+
+
+def test_forwards_under_disable_adapter_neither_score_nor_feed_the_probe(tiny):
+    # issue 22.6: a KL-to-reference forward (adapters off, gradients on) was where the driver scored: every score 0
+    model, optimizer = lm_model(tiny)
+    for step in range(1, 8):
+        batch = tiny.batch(seed=step)
+        with model.disable_adapter():
+            reference = model(**batch).logits.detach()
+        logits = model(**batch).logits
+        loss = torch.nn.functional.kl_div(logits.log_softmax(-1), reference.log_softmax(-1), log_target=True,
+                                          reduction="batchmean")
+        (loss + model(**batch, labels=batch["input_ids"]).loss).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    history = model.base_model.freeze_state.history
+    assert [h["t"] for h in history] == [2, 4, 6]
+    assert all(score > 0 for h in history for score in h["scores"].values())
+    assert len(model.base_model.auto_driver.probe) == 8  # two adapter-on forwards a step, none of the reference's
+
+
+def test_freezing_keeps_the_names_of_an_optimizer_built_from_named_parameters(tiny):
+    # issue 22.10: param_names kept every name, so Adam's moments were saved under the wrong names
+    model, _ = lm_model(tiny)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(named, lr=1e-2)
+    train(model, optimizer, tiny, steps=7)
+    assert model.base_model.frozen_units
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    group = optimizer.param_groups[0]
+    assert len(group["param_names"]) == len(group["params"]) < len(named)
+    assert group["param_names"] == [by_id[id(p)] for p in group["params"]]
+    saved = optimizer.state_dict()
+    assert saved["param_groups"][0]["param_names"] == group["param_names"]
