@@ -96,14 +96,17 @@ def log_to_trainer(trainer: Any, record: Mapping[str, Any]) -> None:
 
 
 class _TransformersHandler(logging.Handler):
-    """Writes the package's records with transformers' own handler (stderr), when nothing else would show them."""
+    """Writes the package's records where transformers' own handler writes (stderr), when nothing else would show
+    them, under the package's name (transformers' formatter would label them ``[transformers]``)."""
 
     def emit(self, record: logging.LogRecord) -> None:
         if logging.getLogger().handlers:
             return  # the application configured logging: the record propagates to its handlers
         for handler in logging.getLogger("transformers").handlers:
-            if record.levelno >= handler.level:
-                handler.handle(record)
+            stream = getattr(handler, "stream", None)
+            if record.levelno >= handler.level and stream is not None:
+                stream.write(f"[peft_safe] {record.getMessage()}\n")
+                handler.flush()
 
 
 def follow_transformers_verbosity() -> None:

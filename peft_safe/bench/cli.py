@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import platform
+import warnings
 from typing import Any
 
 import torch
@@ -217,6 +218,14 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     return {"config": config, "summary": summarize(results), "results": results}
 
 
+def _quiet_third_parties() -> None:
+    """What the bench's user does not need before its own lines: bitsandbytes' note that an optional CPU kernel
+    package (``kernels``) is missing (the built-in kernel runs), and peft's use of a name transformers deprecated
+    (``is_gradient_checkpointing``, read by ``get_peft_model``). Errors and other warnings still show."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``peft-safe bench``: parse and check the flags, run, print the table, write the JSON and the plots.
 
@@ -229,11 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
+    _quiet_third_parties()
     if not args.quiet and not logger.handlers:  # one line per finished run; the tuner's own logs stay quiet
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+        logger.propagate = False  # printed once, by this handler
     try:
         report = run_bench(args)
     except (BenchInputError, FileNotFoundError) as error:  # data or assets the flags point to are unusable

@@ -14,7 +14,7 @@ import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["examples_to_batches", "is_batch_list", "take"]
+__all__ = ["examples_to_batches", "is_batch_list", "take", "take_batches"]
 
 MODEL_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "input_features", "input_values")
 
@@ -35,6 +35,21 @@ def take(data: Any, n: int) -> Any:
     if hasattr(data, "select"):  # datasets.Dataset
         return data.select(range(min(n, len(data))))
     return list(data)[:n]
+
+
+def take_batches(loader: Iterable[Any], n: int) -> list[Any]:
+    """The first batches of ``loader`` (a DataLoader) holding at least ``n`` examples between them."""
+    import torch
+
+    batches, seen = [], 0
+    for batch in loader:
+        batches.append(batch)
+        values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+        sizes = [v.shape[0] for v in values if isinstance(v, torch.Tensor) and v.dim() >= 1]
+        seen += sizes[0] if sizes else 1
+        if seen >= n:
+            break
+    return batches
 
 
 def _rows(data: Any) -> Iterable[Any]:

@@ -15,6 +15,7 @@ import warnings
 import weakref
 from typing import Any
 
+from torch.utils.data import DataLoader
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..reporting import find_trainer, follow_transformers_verbosity, log_to_trainer
@@ -22,7 +23,7 @@ from ..safe.distributed import check_trainer_ddp
 from ..safe.driver import progress_record, schedule_length_warning, score_if_due
 from ..safe.model import SAFEModel, find_safe_model
 from ..safe.scoring import check_probe_batch
-from .probe import default_collator, examples_to_batches, is_batch_list, take
+from .probe import default_collator, examples_to_batches, is_batch_list, take, take_batches
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,8 @@ class SAFECallback(TrainerCallback):
 
     Args:
         probe_dataset: the probe set: a list of ready batches (dicts of tensors); tokenized examples (a
-            ``datasets.Dataset`` or list of dicts, e.g. ``trainer.train_dataset`` after TRL's tokenisation); raw
+            ``datasets.Dataset`` or list of dicts, e.g. ``trainer.train_dataset`` after TRL's tokenisation); a
+            ``DataLoader`` (its first batches, up to ``probe_size`` examples); raw
             text examples (``{"text"}``, ``{"prompt", "completion"}``, ``{"messages"}``) or a list of strings,
             tokenised with the Trainer's processing class. The first ``probe_size`` examples are used. ``None``:
             the first ``probe_size`` examples of the Trainer's training data (see :mod:`.probe`).
@@ -110,7 +112,9 @@ class SAFECallback(TrainerCallback):
                     "probe_dataset=... (examples, text or ready batches), or use SAFECallback.for_trainer(trainer)."
                 )
             logger.info("SAFE: probing on the first %d examples of the training data", self.probe_size)
-        if is_batch_list(data):
+        if isinstance(data, DataLoader):  # its batches are probe batches: as many as hold probe_size examples
+            batches = take_batches(data, self.probe_size)
+        elif is_batch_list(data):
             batches = list(data)
         else:
             collator = self.data_collator or default_collator(processing_class)

@@ -99,6 +99,10 @@ def check_memory_budget(value: Any) -> int | float | None:
                              "such as 0.4.")
         return value
     if not 0.0 < value <= 1.0:
+        if value <= 0.0:  # no budget is negative or zero: the advice is a fraction, or None for no budget
+            raise ValueError(f"memory_budget={value!r}: a budget must be positive; give a fraction in (0, 1] of the "
+                             "step's activations without checkpointing (such as 0.4), a number of bytes (an int), or "
+                             "None for no budget.")
         raise ValueError(f"memory_budget={value!r}: a fraction must lie in (0, 1]; give bytes as an int "
                          f"(memory_budget={int(value)}) or a fraction such as 0.4.")
     return float(value)

@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from ..core.budget import BlockCosts, plan_checkpointing
 from .truncation import _block_lists, _hidden_state, _replace, _requires_grad
 
-__all__ = ["CheckpointBudget"]
+__all__ = ["CheckpointBudget", "check_one_block_list"]
 
 
 def _tokens(args: tuple, kwargs: dict) -> int:
@@ -46,6 +46,22 @@ def _tokens(args: tuple, kwargs: dict) -> int:
     if isinstance(embeds, torch.Tensor) and embeds.dim() >= 2:
         return max(embeds.numel() // embeds.shape[-1], 1)
     return 1
+
+
+def check_one_block_list(safe: Any, fix: str) -> dict[str, Any]:
+    """The model's one block list holding adapter units, by path; refused for two (T5, BART: no frozen prefix).
+
+    Raises:
+        ValueError: naming the field (the start of ``fix``) and ``fix``.
+    """
+    lists = _block_lists(safe.model, safe._units())
+    if len(lists) != 1:
+        field = fix.split("=")[0]
+        raise ValueError(
+            f"{field} needs the adapter units in one block list (a decoder-only or encoder-only model); this "
+            f"model's units lie in {len(lists)} ({sorted(lists)}), with no frozen prefix across them. Set {fix}."
+        )
+    return lists
 
 
 class CheckpointBudget:
@@ -60,13 +76,8 @@ class CheckpointBudget:
     """
 
     def __init__(self, safe: Any) -> None:
-        lists = _block_lists(safe.model, safe._units())
-        if len(lists) != 1:
-            raise ValueError(
-                f"memory_budget needs the adapter units in one block list (a decoder-only or encoder-only model); "
-                f"this model's units lie in {len(lists)} ({sorted(lists)}). Set memory_budget=None, or checkpoint "
-                "it yourself with gradient_checkpointing_enable()."
-            )
+        lists = check_one_block_list(safe, "memory_budget=None, or checkpoint it yourself with "
+                                           "gradient_checkpointing_enable()")
         (self.path, blocks), = lists.items()
         self.blocks = list(blocks)
         refused = [f"{self.path}.{i}" for i, b in enumerate(self.blocks) if not hasattr(b, "gradient_checkpointing")]

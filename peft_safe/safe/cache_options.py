@@ -9,11 +9,12 @@ and ``core.policy`` only.
 from __future__ import annotations
 
 import os
+import tempfile
 from typing import Any
 
 from ..core.policy import as_number
 
-__all__ = ["CACHE_FIELDS", "DEFAULT_CACHE_MEMORY_BYTES", "check_cache_options"]
+__all__ = ["CACHE_FIELDS", "DEFAULT_CACHE_MEMORY_BYTES", "check_cache_dir_writable", "check_cache_options"]
 
 # Host memory the cached hidden states may take before further rows are written to disk: 1 GiB holds MiniLM's
 # 2,000 x 64-token examples (196 MB) five times over, and about 2,000 512-token examples of a 2,048-wide model in
@@ -71,3 +72,24 @@ def check_cache_options(config: Any) -> None:
         raise ValueError(
             f"cache_dir {folder!r} exists and is not a folder; name a folder (made if missing) or pass None."
         )
+
+
+def check_cache_dir_writable(config: Any) -> None:
+    """Refuse, when the model is built, a ``cache_dir`` the cache could not write its rows to (issue 21.10: a
+    folder that cannot be made failed at the first row spilled to disk, from inside a forward hook).
+
+    Raises:
+        ValueError: naming ``cache_dir``, the reason and what to pass instead.
+    """
+    folder = getattr(config, "cache_dir", None)
+    if not getattr(config, "cache_frozen", False) or folder is None:
+        return
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"cache_dir {folder!r} cannot hold the prefix cache's rows ({err.strerror or err}); name a folder this "
+            "process can create and write, or pass cache_dir=None (a temporary folder)."
+        ) from err

@@ -21,7 +21,7 @@ from ..core.cka import SCORING_SITES
 from ..core.policy import SchedulePolicy, as_number
 from ..core.schedule import DEFAULT_WARMUP_TOLERANCE, FREEZE_ORDERS, SCORE_SCALES, WARMUP_RULES
 from .cache_options import DEFAULT_CACHE_MEMORY_BYTES, check_cache_options
-from .config_fields import renamed_reader, warn_renamed, with_adapter_fields, wrapped_name
+from .config_fields import check_change_after_build, renamed_reader, warn_renamed, with_adapter_fields, wrapped_name
 from .model_card import add_safe_section
 from .weights_file import RECORD_KEY, check_weights_file, keep_record, save_config_atomically, weights_record
 
@@ -277,8 +277,9 @@ class SAFEConfig(PeftConfig):
         budget = as_number(self.memory_budget)  # a numpy or torch scalar is the number it holds
         object.__setattr__(self, "memory_budget", check_memory_budget(self.memory_budget if budget is None
                                                                       else budget))
-        if isinstance(self.probe_tokens, bool) or not isinstance(self.probe_tokens, int) or self.probe_tokens < 2:
-            raise ValueError(f"probe_tokens must be an int >= 2 (CKA needs two tokens), got {self.probe_tokens!r}.")
+        if isinstance(self.probe_tokens, bool) or not isinstance(self.probe_tokens, int) or self.probe_tokens < 3:
+            raise ValueError(f"probe_tokens must be an int >= 3 (the CKA of two centred tokens is always 1, so every "
+                             f"unit would score 0), got {self.probe_tokens!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0 (it seeds the probe-token subsampling), got {self.seed!r}.")
         if self.blocks_path is not None and (not isinstance(self.blocks_path, str) or not self.blocks_path):
@@ -358,6 +359,7 @@ class SAFEConfig(PeftConfig):
             # model.peft_config[name].tau = ... is the documented way to change a hyper-parameter: checked here,
             # before any scoring uses it; a refused value leaves the old one in place.
             old = self.__dict__.get(name)
+            check_change_after_build(self, name, old, value)  # what a built model reads once: refused, not ignored
             object.__setattr__(self, name, value)
             self._validate_or_restore(name, old)
             return

@@ -24,7 +24,8 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
 from .._peft_types import peft_type_name
 
-__all__ = ["GENERIC_NAMES", "renamed_reader", "warn_renamed", "with_adapter_fields", "wrapped_name"]
+__all__ = ["GENERIC_NAMES", "check_change_after_build", "mark_built_into_model", "renamed_reader", "warn_renamed",
+           "with_adapter_fields", "wrapped_name"]
 
 # Generic names peft's own code uses on any config -> the name of the LoRA family's field.
 GENERIC_NAMES = {"init_weights": "init_lora_weights"}
@@ -48,8 +49,21 @@ def with_adapter_fields(adapter_config: Any, given: dict[str, Any], safe_fields:
     Raises:
         TypeError: for a name that the wrapped config does not have either, worded as Python's own error (peft's
             ``from_pretrained`` drops such keys of configs saved by a newer version when it sees that wording).
-        ValueError: when names are given but there is no wrapped config to set them on.
+        ValueError: when names are given but the wrapped config cannot take them.
+
+    Names given without any ``adapter_config`` (``SAFEConfig(target_modules=[...])``, as peft's generic code builds
+    configs) wrap LoRA, the paper's adapter, with a warning saying so.
     """
+    if adapter_config is None and given:
+        from peft import LoraConfig
+
+        warnings.warn(
+            f"SAFEConfig got {sorted(given)} but no adapter_config: SAFE wraps LoRA, the paper's adapter "
+            "(LoraConfig with those fields). Pass adapter_config=... to wrap another adapter.",
+            UserWarning,
+            stacklevel=4,
+        )
+        adapter_config = LoraConfig()
     if isinstance(adapter_config, dict):
         config_cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(adapter_config.get("peft_type"))
     else:
@@ -95,3 +109,36 @@ def renamed_reader(old: str, new: str) -> property:
         return getattr(self, new)
 
     return property(read, doc=f"Deprecated name of :attr:`{new}`.")
+
+
+def mark_built_into_model(config: Any) -> None:
+    """Record that a SAFE model was built from ``config`` (this object: a copy of it is not marked)."""
+    object.__setattr__(config, "_built_into_model", id(config))
+
+
+def check_change_after_build(config: Any, name: str, old: Any, value: Any) -> None:
+    """Refuse a change that a model built from ``config`` would not act on (issue 21.2: ``memory_budget`` set after
+    the build was ignored, or crashed the next forward when set to None).
+
+    ``blocks_path`` decides the units, which the freeze state names; ``memory_budget`` decides at the build whether
+    blocks are checkpointed at all (a budget may change to another budget, which takes effect at the next step). The
+    cache's options and every other field are read where they are used, so their changes take effect.
+
+    Raises:
+        ValueError: naming the field, both values and the fix.
+    """
+    if config.__dict__.get("_built_into_model") != id(config) or old == value:
+        return
+    if name == "blocks_path":
+        raise ValueError(
+            f"blocks_path is read when the model is built (it decides the units the freeze state names); changing "
+            f"it from {old!r} to {value!r} on a built model is refused. Build a new model with "
+            f"get_peft_model(base, SAFEConfig(..., blocks_path={value!r}))."
+        )
+    if name == "memory_budget" and (old is None) != (value is None):
+        switch = "on" if old is None else "off"
+        raise ValueError(
+            f"memory_budget={value!r}: whether blocks are checkpointed under a budget is decided when the model is "
+            f"built (it was built with memory_budget={old!r}), so it cannot be switched {switch} now; a budget may "
+            f"change to another one. Build a new model with memory_budget={value!r}."
+        )

@@ -23,7 +23,7 @@ from ..core.state import FreezeState
 from .optimizer import drop_from_optimizer
 from .units import unit_parameters
 
-__all__ = ["FrozenUnitsMixin", "check_something_trains"]
+__all__ = ["FrozenUnitsMixin", "check_something_trains", "drop_package_hooks"]
 
 
 def check_something_trains(model: nn.Module, leaving: list[nn.Parameter]) -> None:
@@ -42,12 +42,27 @@ def check_something_trains(model: nn.Module, leaving: list[nn.Parameter]) -> Non
         )
 
 
+def drop_package_hooks(model: nn.Module) -> None:
+    """Remove every forward hook this package put on ``model`` or its submodules (driver, cache, budget, cut)."""
+    for module in model.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key, hook in list(hooks.items()):
+                owner = getattr(hook, "__self__", None) or getattr(getattr(hook, "func", None), "__self__", None)
+                origin = type(owner).__module__ if owner is not None else getattr(hook, "__module__", "") or ""
+                if origin.startswith("peft_safe."):
+                    del hooks[key]
+                    for flags in (module._forward_pre_hooks_with_kwargs, module._forward_hooks_with_kwargs,
+                                  module._forward_hooks_always_called):
+                        flags.pop(key, None)
+
+
 class FrozenUnitsMixin:
     """The part of the SAFE tuner that applies the freeze state (mixed into :class:`SAFEModel`)."""
 
     _freeze_states: dict[str, FreezeState]
     _backprop_cut: Any
     _zero_hold: Any  # zero.ZeroHold: frozen parameters a DeepSpeed ZeRO optimizer owns, held still
+    auto_driver: Any  # driver.AutoDriver
 
     def _replace_freeze_state(self, adapter_name: str, state: FreezeState) -> None:
         # Units the old state froze that the new one trains become trainable again (unless the adapter is
@@ -127,6 +142,16 @@ class FrozenUnitsMixin:
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
         super().set_requires_grad(adapter_names, requires_grad=requires_grad)
         self._apply_freeze_state()
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
+        # merge_and_unload / unload hand the base model back: nothing of SAFE may stay on it (issue 21.16: a
+        # pickled merged model failed in the prefix cache's hooks).
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        self.auto_driver.stand_down("the adapters were unloaded")
+        self._backprop_cut.remove()
+        self._zero_hold.hold_exactly([])
+        drop_package_hooks(model)
+        return model
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)

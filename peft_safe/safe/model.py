@@ -32,9 +32,11 @@ from ..core.policy import SchedulePolicy, check_scoring_time, check_time
 from ..core.schedule import normalize_scores
 from ..core.state import FreezeState
 from .adalora import allocate_trainable_ranks
-from .budget import CheckpointBudget
+from .budget import CheckpointBudget, check_one_block_list
+from .cache_options import check_cache_dir_writable
 from .checkpoint import FREEZE_STATE_KEY, check_loadable, decode_payload, encode_payload
 from .config import SAFEConfig
+from .config_fields import mark_built_into_model
 from .distributed import agree_on_scores
 from .driver import AutoDriver, resume_steps
 from .freezing import FrozenUnitsMixin, check_something_trains
@@ -139,6 +141,9 @@ class SAFEModel(FrozenUnitsMixin, BaseTuner):
         self._backprop_cut = BackpropCut()
         self._zero_hold = ZeroHold()  # DeepSpeed ZeRO: frozen units' slices written back after each step
         super().__init__(model, config, adapter_name, **kwargs)
+        check_cache_dir_writable(self.safe_config)  # now, not at the first row spilled to disk
+        if self.safe_config.cache_frozen:  # T5, BART: two stacks, no frozen prefix to cache
+            check_one_block_list(self, "cache_frozen=False")
         self.auto_driver = AutoDriver(self)  # drives the schedule while nothing else does (see driver.py)
         self.prefix_cache = PrefixCache(self)  # after the driver's hook: it sees the cut a freeze just moved
         install_state_dict_hooks(self)  # the freeze state travels in model.state_dict() too (see state_dict.py)
@@ -166,6 +171,7 @@ class SAFEModel(FrozenUnitsMixin, BaseTuner):
                 f"{config.adapter_peft_type} adapter matched no module of {type(model).__name__}; name some of its "
                 f"layers instead, e.g. among {leaves[:20]}. ({err})"
             ) from err
+        mark_built_into_model(config)  # the fields a model reads once are refused changes from now on
         if adapter_name not in self._freeze_states:
             self._new_freeze_state(adapter_name)
 

@@ -85,6 +85,9 @@ def check_probe_batch(model: nn.Module, batch: Any) -> None:
             continue
         if value.numel() == 0:
             raise ValueError(f"probe batch {name!r} is empty (shape {tuple(value.shape)}); drop empty batches.")
+        if value.is_meta:  # any other device is moved to the model's at the probe forward
+            raise ValueError(f"probe batch {name!r} is on the meta device (shapes, no values); give it with its "
+                             "values, on the model's device or the CPU (it is moved to the model's).")
         if name == "input_ids":
             _check_token_ids(model, value)
 
@@ -235,6 +238,8 @@ def compute_importance(
     keys = [(u.name, j) for u in units for j in range(len(u.layers))] if per_layer else [(u.name, 0) for u in units]
     seeds = {key: seed + i for i, key in enumerate(keys)}
     batches = probe_batches if isinstance(probe_batches, (list, tuple)) else list(probe_batches)
+    for batch in batches:  # every batch before the first is used: a bad one leaves nothing half-scored
+        check_probe_batch(model, batch)
     groups = _groups(model, units, keys, batches, max_tokens, per_layer, memory_bytes)
     per_unit: dict[str, list[float]] = {}
     for group in groups:
@@ -322,7 +327,6 @@ def _probe_pass(model: nn.Module, units: list[AdapterUnit], accumulators: dict, 
             handles.append(group[-1].module.register_forward_hook(stopper))
         try:
             for batch in batches:
-                check_probe_batch(model, batch)
                 batch = to_device(batch, device)
                 calls.clear()
                 seen.clear()
@@ -353,12 +357,14 @@ def _probe_pass(model: nn.Module, units: list[AdapterUnit], accumulators: dict, 
     unused = sorted({name for (name, _), acc in accumulators.items() if acc.n_seen == 0})
     if unused:
         raise ValueError(f"units {unused} were never called (or saw no real token) during the probe forward.")
-    single = {name: acc.n_seen for (name, _), acc in accumulators.items() if acc.n_seen < 2}
-    if single:
-        # CKA of one row is undefined (taken as 1, i.e. importance 0): every unit would look unimportant and freeze.
+    few = {name: acc.n_seen for (name, _), acc in accumulators.items() if acc.n_seen < 3}
+    if few:
+        # CKA of one row is undefined (taken as 1), and two centred rows are x and -x, whose CKA is always 1: either
+        # way every unit would score 0, look unimportant and never (or always) freeze.
         raise ValueError(
-            f"units {sorted(single)} saw a single real token over the whole probe set; CKA compares at least 2 "
-            "tokens: give the probe set more tokens (longer or more sequences)."
+            f"units {sorted(few)} saw {min(few.values())} real token(s) over the whole probe set; CKA says nothing "
+            "below 3 tokens (two centred tokens always give CKA 1, importance 0): give the probe set more tokens "
+            "(longer or more sequences)."
         )
     for (name, _), acc in accumulators.items():
         x, y = acc.rows

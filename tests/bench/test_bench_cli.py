@@ -73,3 +73,20 @@ def test_default_bench_on_minilm_runs_a_few_steps(tmp_path):
     lora = data["summary"]["lora"]
     assert lora["total_flops"]["baseline"]["mean"] > 1e11  # a real 6-block MiniLM, not a toy
     assert {os.path.basename(p) for p in os.listdir(tmp_path)} >= {"r.json", "memory_lora.png"}
+
+
+def test_the_bench_silences_only_the_third_party_notes_a_user_does_not_need():
+    # issue 21.14: bitsandbytes' missing-`kernels` note and transformers' deprecation warning came before our lines
+    import logging
+    import warnings
+
+    from peft_safe.bench.cli import _quiet_third_parties
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _quiet_third_parties()
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("another FutureWarning", FutureWarning)
+    assert [str(w.message) for w in caught] == ["another FutureWarning"]
+    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    assert not bnb.isEnabledFor(logging.WARNING) and bnb.isEnabledFor(logging.ERROR)

@@ -113,7 +113,8 @@ def test_with_no_logging_configured_the_lines_are_printed_by_transformers_handle
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "SAFE line at info" in result.stderr
+    assert "[peft_safe] SAFE line at info" in result.stderr  # under the package's name (issue 21.14)
+    assert "[transformers] SAFE" not in result.stderr
     assert "debug" not in result.stderr and "second line" not in result.stderr
 
 

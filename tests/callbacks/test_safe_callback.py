@@ -488,6 +488,21 @@ def test_tokenizer_batch_encodings_are_ready_batches(tmp_path):
     assert all(b["input_ids"].dim() == 2 for b in callback._probe_batches)
 
 
+def test_a_dataloader_gives_its_batches_as_probe_batches(tmp_path):
+    # issue 21.11: a DataLoader was taken for examples: "probe batch 'input_ids' must be 2-D ... (4, 4, 12)"
+    from torch.utils.data import DataLoader
+    from transformers import default_data_collator
+
+    loader = DataLoader(examples(40, 2), batch_size=8, collate_fn=default_data_collator)
+    peft_model = safe_model(**STEP_SCHEDULE)
+    callback = SAFECallback(probe_dataset=loader, probe_size=20)
+    trainer = Trainer(model=peft_model, args=training_args(tmp_path, max_steps=2), train_dataset=examples(16, 1),
+                      callbacks=[callback])
+    trainer.train()
+    assert [h["t"] for h in peft_model.base_model.freeze_state.history] == [2]
+    assert [tuple(b["input_ids"].shape) for b in callback._probe_batches] == [(8, SEQ)] * 3  # 24 >= 20 examples
+
+
 @pytest.mark.parametrize(
     ("probe", "words"),
     [

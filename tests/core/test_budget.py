@@ -90,3 +90,11 @@ def test_bad_budgets_name_the_value_and_the_fix(value, named):
     with pytest.raises(ValueError, match="memory_budget") as info:
         check_memory_budget(value)
     assert named in str(info.value)
+
+
+@pytest.mark.parametrize("value", [-0.5, -2.0])
+def test_a_negative_fraction_is_not_told_to_become_a_byte_count_that_is_refused_too(value):
+    # issue 21.12: -0.5 was advised "give bytes as an int (memory_budget=0)", and 0 is refused as well
+    with pytest.raises(ValueError, match="must be positive.*fraction in \\(0, 1\\].*None") as info:
+        check_memory_budget(value)
+    assert "memory_budget=0)" not in str(info.value) and "memory_budget=-" not in str(info.value).split(":")[1]

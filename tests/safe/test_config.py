@@ -52,8 +52,8 @@ def test_out_of_range_values_raise_naming_field_and_value(kwargs, names):
 
 
 def test_boundary_values_are_accepted():
-    config = SAFEConfig(adapter_config=lora(), tau=1.0, final_freeze_time=3, warmup_cap=2.9, probe_tokens=2)
-    assert config.tau == 1.0 and config.probe_tokens == 2
+    config = SAFEConfig(adapter_config=lora(), tau=1.0, final_freeze_time=3, warmup_cap=2.9, probe_tokens=3)
+    assert config.tau == 1.0 and config.probe_tokens == 3
     assert SAFEConfig(adapter_config=lora(), tau=1e-6).tau == 1e-6
 
 
@@ -348,7 +348,7 @@ def test_unknown_keyword_names_both_configs_and_a_saved_unknown_key_is_dropped_b
     with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'.*SAFE hyper-parameter.*LoraConfig"):
         SAFEConfig(adapter_config=lora(), bogus=1)
     with pytest.raises(ValueError, match=r"\['r'\].*no adapter config"):
-        SAFEConfig(r=4)
+        SAFEConfig(adapter_config=SAFEConfig(adapter_config=lora()), r=4)
     config = SAFEConfig(adapter_config=lora(), tau=0.2)
     config.save_pretrained(tmp_path)
     path = tmp_path / "adapter_config.json"
@@ -356,3 +356,18 @@ def test_unknown_keyword_names_both_configs_and_a_saved_unknown_key_is_dropped_b
     with pytest.warns(UserWarning, match="field_of_a_newer_version"):
         loaded = PeftConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, SAFEConfig) and loaded.tau == 0.2
+
+
+@pytest.mark.parametrize("fields", [{"target_modules": ["query"]}, {"target_modules": ["query"], "r": 4},
+                                    {"modules_to_save": ["classifier"], "target_modules": ["query"]}])
+def test_adapter_fields_without_an_adapter_config_wrap_lora_and_say_so(fields):
+    # issue 21.18: peft's generic code builds configs as SAFEConfig(target_modules=[...]); that was refused
+    from peft import LoraConfig
+
+    with pytest.warns(UserWarning, match="no adapter_config: SAFE wraps LoRA, the paper's adapter"):
+        config = SAFEConfig(**fields)
+    assert type(config.adapter_config) is LoraConfig
+    for name, value in fields.items():
+        assert getattr(config.adapter_config, name) == LoraConfig(**{name: value}).__dict__[name]  # as LoRA keeps it
+    with pytest.raises(ValueError, match="SAFEConfig needs adapter_config"):
+        SAFEConfig()  # nothing at all: still says what to pass

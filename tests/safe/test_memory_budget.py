@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -223,3 +224,32 @@ def test_cached_flops_do_not_reuse_the_step_that_measured_the_blocks(tiny):
     cached, counted = run("cached"), run("measured")
     assert counted[0] > counted[1] == counted[2] == counted[3]  # the first step ran the measuring forward too
     assert cached == counted
+
+
+@pytest.mark.parametrize("built, new", [(None, 0.3), (0.5, None)], ids=["switched-on", "switched-off"])
+def test_switching_the_budget_on_or_off_after_the_build_is_refused_with_the_fix(tiny, built, new):
+    # issue 21.2: 0.3 set after a build without a budget was ignored; None set after one crashed the next forward
+    model = bert_safe(tiny, built) if built is not None else tiny.safe("bert", layers=4)
+    config = model.peft_config["default"]
+    with pytest.raises(ValueError, match=f"memory_budget={new!r}.*decided when the model is built.*new model"):
+        config.memory_budget = new
+    assert config.memory_budget == built
+    model.train()
+    batch = tiny.batch()
+    model(**batch, labels=torch.zeros(2, dtype=torch.long)).loss.backward()  # the model trains as it was built
+
+
+def test_another_budget_after_the_build_takes_effect(tiny):
+    model = bert_safe(tiny, 0.9)
+    model.peft_config["default"].memory_budget = 0.3
+    assert model.base_model.checkpoint_budget is not None and model.base_model.safe_config.memory_budget == 0.3
+    fresh = copy.deepcopy(model.peft_config["default"])
+    fresh.memory_budget = None  # a copy belongs to no model: anything valid goes
+    assert fresh.memory_budget is None
+
+
+def test_blocks_path_changed_after_the_build_is_refused(tiny):
+    model = tiny.safe("bert", layers=2)
+    with pytest.raises(ValueError, match="blocks_path is read when the model is built.*get_peft_model"):
+        model.peft_config["default"].blocks_path = "bert.encoder"
+    assert model.peft_config["default"].blocks_path is None

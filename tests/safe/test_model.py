@@ -620,3 +620,52 @@ def test_add_weighted_adapter_builds_a_safe_adapter_from_a_replaced_config(tiny)
     safe = model.base_model
     assert safe.safe_adapter_name == "merged" and safe.adapter_units == ["model.layers.0", "model.layers.1"]
     assert torch.allclose(tiny.logits(model, batch), expected, atol=1e-5)  # weight 1, linear: the same adapter
+
+
+@pytest.mark.parametrize("how", ["merge_and_unload", "unload"])
+def test_a_model_let_go_carries_nothing_of_safe(tiny, how):
+    # issue 21.16: the merged model still had SAFE's hooks; pickling it failed in PrefixCache.__setstate__
+    import pickle
+
+    model = tiny.safe("llama", layers=4, cache_frozen=True)
+    model.train()
+    batch = tiny.batch()
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    model.base_model.freeze([0, 1])
+    model(**batch, labels=batch["input_ids"])  # the cut and the cache's hooks are on the blocks now
+    merged = getattr(model, how)()
+    left = [(name, hook) for name, module in merged.named_modules()
+            for hook in [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
+            if "peft_safe" in repr(hook)]
+    assert not left, left
+    again = pickle.loads(pickle.dumps(merged))
+    torch.testing.assert_close(again(**batch).logits, merged(**batch).logits)
+
+
+def test_a_forward_after_the_last_adapter_is_deleted_runs_the_base_model(tiny):
+    # issue 21.17: the driver's hook raised IndexError at safe_adapter_name
+    model = tiny.safe("llama", layers=4)
+    model.train()
+    base_logits = tiny.llama(layers=4)(**tiny.batch()).logits
+    model(**tiny.batch())  # a training forward: the automatic schedule has started
+    model.base_model.delete_adapter("default")
+    logits = model.base_model(**tiny.batch()).logits  # the tuner's forward (PeftModel's needs an active adapter)
+    torch.testing.assert_close(logits, base_logits)
+
+
+def test_deleting_the_adapter_that_set_the_cut_removes_the_cut(tiny):
+    # issue 21.8: backprop_cut_block still named the deleted adapter's cut
+    from peft import LoraConfig
+
+    alone = tiny.safe("llama", layers=4).base_model
+    alone.freeze([0, 1])
+    assert alone.backprop_cut_block == "model.layers.2"
+    alone.delete_adapter("default")
+    assert alone.backprop_cut_block is None
+    model = tiny.safe("llama", layers=4)
+    safe = model.base_model
+    model.add_adapter("other", tiny.safe_config("llama", lora=LoraConfig(r=2, target_modules=["q_proj"])))
+    safe.freeze([0, 1])
+    assert safe.backprop_cut_block == "model.layers.2"
+    model.delete_adapter("default")  # the active one: peft makes "other" active
+    assert safe.backprop_cut_block is None

@@ -16,7 +16,7 @@ import warnings
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import PeftModel, get_peft_model
 
 from peft_safe import SAFEConfig
 from peft_safe.safe.prefix_cache import row_keys
@@ -414,3 +414,28 @@ def test_blocks_returning_tuples_are_skipped_in_kind_under_a_peft_model_without_
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name])
+
+
+@pytest.mark.parametrize("folder", ["/proc/nope/cache", "/dev/null/cache"])
+def test_a_cache_dir_that_cannot_be_written_is_refused_when_the_model_is_built(tiny, folder):
+    # issue 21.10: it passed SAFEConfig and failed at the first row spilled to disk, inside a forward hook
+    config = tiny.safe_config("llama", cache_frozen=True, cache_dir=folder)
+    with pytest.raises(ValueError, match=f"cache_dir '{folder}' cannot hold.*cache_dir=None"):
+        get_peft_model(tiny.llama(layers=2), config)
+
+
+def test_a_writable_cache_dir_is_made_when_the_model_is_built(tiny, tmp_path):
+    folder = tmp_path / "rows"
+    get_peft_model(tiny.llama(layers=2), tiny.safe_config("llama", cache_frozen=True, cache_dir=str(folder)))
+    assert folder.is_dir() and not list(folder.iterdir())
+
+
+def test_cache_frozen_on_an_encoder_decoder_model_is_refused_with_the_fix():
+    # issue 21.7: on T5 it was accepted and did nothing (no frozen prefix across two stacks)
+    from peft import LoraConfig
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    base = T5ForConditionalGeneration(T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2))
+    config = SAFEConfig(adapter_config=LoraConfig(target_modules=["q", "v"]), cache_frozen=True)
+    with pytest.raises(ValueError, match="cache_frozen needs the adapter units in one block list.*cache_frozen=False"):
+        get_peft_model(base, config)

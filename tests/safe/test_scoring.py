@@ -71,11 +71,20 @@ def test_constant_activations_score_zero_not_nan():
     assert set(scores.values()) == {0.0}  # no token differs from another: nothing to tell apart, importance 0
 
 
-def test_single_token_probe_set_is_refused_instead_of_scoring_every_unit_zero(tiny):
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_probe_sets_of_fewer_than_three_tokens_are_refused_instead_of_scoring_every_unit_zero(tiny, tokens):
+    # issue 21.1: two centred rows are x and -x, whose CKA is 1 whatever the adapter does: every score was 0
     safe = tiny.safe("bert").base_model
-    with pytest.raises(ValueError, match="single real token"):
-        safe.update_and_freeze(0, [tiny.batch(batch=1, seq=1)])
+    with pytest.raises(ValueError, match=f"saw {tokens} real token.*below 3 tokens"):
+        safe.update_and_freeze(0, [tiny.batch(batch=1, seq=tokens)])
     assert safe.freeze_state.history == []
+    safe.update_and_freeze(0, [tiny.batch(batch=1, seq=3)])  # three are enough to score
+    assert safe.freeze_state.history
+
+
+def test_probe_tokens_below_three_is_refused_naming_why():
+    with pytest.raises(ValueError, match="probe_tokens must be an int >= 3.*always 1.*got 2"):
+        SAFEConfig(adapter_config=LoraConfig(target_modules=["query"]), probe_tokens=2)
 
 
 def test_one_real_token_per_sequence_is_enough_over_several_sequences(tiny):
@@ -85,7 +94,7 @@ def test_one_real_token_per_sequence_is_enough_over_several_sequences(tiny):
     assert any(score > 0 for score in scores.values())
 
 
-@pytest.mark.parametrize("probe_tokens", [2, 64])
+@pytest.mark.parametrize("probe_tokens", [3, 64])  # 3: the smallest budget CKA can use
 def test_huge_probe_batch_is_subsampled_to_the_budget_and_stays_finite(tiny, probe_tokens):
     model = tiny.safe("gpt2", layers=2, probe_tokens=probe_tokens)
     probe = [tiny.batch(batch=48, seq=64, seed=s) for s in (1, 2)]  # 6144 tokens against a budget of <= 64
@@ -278,3 +287,12 @@ def test_probe_batch_without_input_ids_raises_naming_its_keys(tiny):
     with pytest.raises(ValueError) as info:
         safe.compute_importance([{"tokens": ids, "mask": torch.ones_like(ids)}])
     assert "tokens" in str(info.value) and "mask" in str(info.value)
+
+
+def test_a_probe_batch_on_the_meta_device_is_refused_naming_the_device(tiny):
+    # issue 21.13: "Tensor.item() cannot be called on meta tensors" from inside scoring
+    safe = tiny.safe("bert").base_model
+    batch = {k: v.to("meta") for k, v in tiny.batch(batch=2, seq=4).items()}
+    with pytest.raises(ValueError, match="'input_ids' is on the meta device.*CPU"):
+        safe.update_and_freeze(1, [batch])
+    assert safe.freeze_state.history == []
