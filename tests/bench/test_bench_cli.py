@@ -85,8 +85,9 @@ def test_the_bench_silences_only_the_third_party_notes_a_user_does_not_need():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _quiet_third_parties()
-        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
-        warnings.warn("another FutureWarning", FutureWarning)
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning,
+                      stacklevel=1)
+        warnings.warn("another FutureWarning", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["another FutureWarning"]
     bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
     assert not bnb.isEnabledFor(logging.WARNING) and bnb.isEnabledFor(logging.ERROR)
