@@ -52,7 +52,8 @@ def _stats(values: list[float | None]) -> dict[str, Any] | None:
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per adapter and figure: mean and spread over seeds without and with SAFE, and their ratio SAFE/adapter.
+    """Per adapter and figure: mean and spread over seeds without and with SAFE, and their ratio SAFE/adapter;
+    each ``--baseline`` too, under ``"<adapter>+<spec>"``, in SAFE's place.
 
     Args:
         results: the runs' results, each with its ``memory`` summary.
@@ -64,18 +65,36 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """
     summary: dict[str, dict[str, Any]] = {}
     for adapter in dict.fromkeys(r["adapter"] for r in results):
-        runs = {flag: [r for r in results if r["adapter"] == adapter and r["safe"] is flag] for flag in (False, True)}
-        figures: dict[str, Any] = {}
-        for key, _, get, _, _ in METRICS:
-            base, safe = _stats([get(r) for r in runs[False]]), _stats([get(r) for r in runs[True]])
-            ratio = safe["mean"] / base["mean"] if base and safe and base["mean"] else None
-            figures[key] = {"baseline": base, "safe": safe, "ratio": ratio}
-        figures["metric"]["difference"] = (
-            figures["metric"]["safe"]["mean"] - figures["metric"]["baseline"]["mean"]
-            if figures["metric"]["safe"] and figures["metric"]["baseline"] else None
-        )
-        summary[adapter] = figures
+        plain = [r for r in results if r["adapter"] == adapter and not r["safe"] and not r.get("variant")]
+        summary[adapter] = _figures(plain, [r for r in results if r["adapter"] == adapter and r["safe"]])
+        for variant in dict.fromkeys(r["variant"] for r in results if r["adapter"] == adapter and r.get("variant")):
+            # a --baseline against the plain adapter, in the SAFE column's place: "lora+prefix:3@120"
+            runs = [r for r in results if r["adapter"] == adapter and r.get("variant") == variant]
+            summary[f"{adapter}+{variant}"] = _figures(plain, runs)
     return summary
+
+
+def _figures(base_runs: list[dict[str, Any]], other_runs: list[dict[str, Any]]) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    for key, _, get, _, _ in METRICS:
+        base, other = _stats([get(r) for r in base_runs]), _stats([get(r) for r in other_runs])
+        ratio = other["mean"] / base["mean"] if base and other and base["mean"] else None
+        figures[key] = {"baseline": base, "safe": other, "ratio": ratio}
+    figures["metric"]["difference"] = (
+        figures["metric"]["safe"]["mean"] - figures["metric"]["baseline"]["mean"]
+        if figures["metric"]["safe"] and figures["metric"]["baseline"] else None
+    )
+    return figures
+
+
+# Per-step series: in the full --json report, left out of the summary one (what docs/results/ keeps).
+SERIES_KEYS = ("loss_series", "memory_series", "importance_history")
+
+
+def small_report(report: dict[str, Any]) -> dict[str, Any]:
+    """``report`` without its per-step series: the config, the summary and every run's figures and decisions."""
+    results = [{k: v for k, v in r.items() if k not in SERIES_KEYS} for r in report["results"]]
+    return {"config": report["config"], "summary": report["summary"], "results": results}
 
 
 def format_table(results: list[dict[str, Any]], summary: dict[str, dict[str, Any]]) -> str:
@@ -93,9 +112,12 @@ def format_table(results: list[dict[str, Any]], summary: dict[str, dict[str, Any
         ("accuracy (%)", 100, "{:.2f}") if metric_name == "accuracy" else ("perplexity", 1, "{:.3f}")
     )
     rows: list[tuple[str, ...]] = []
-    for adapter, figures in summary.items():
+    for entry_name, figures in summary.items():
+        adapter, _, variant = entry_name.partition("+")
         name = adapter if adapter != "lora" else "LoRA"
-        rows.append((f"[{name}]", name, f"{name}+SAFE", "SAFE/" + name))
+        other = variant or "SAFE"
+        rows.append((f"[{name}]" if not variant else f"[{name} vs {variant}]", name, f"{name}+{other}",
+                     f"{other}/{name}"))
         for key, label, _, scale, fmt in METRICS:
             if key == "metric":
                 label, scale, fmt = metric_label, metric_scale, metric_fmt
@@ -117,6 +139,10 @@ def format_table(results: list[dict[str, Any]], summary: dict[str, dict[str, Any
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     for r in results:
+        if r.get("variant") and r.get("freeze_at") is not None:
+            lines.append(f"seed {r['seed']} {r['adapter']}+{r['variant']}: froze {len(r['frozen_units'])} units at "
+                         f"step {r['freeze_at']}" + (f"; backprop cut at {short_unit(r['cut_block'])}"
+                                                      if r.get("cut_block") else ""))
         if r["safe"]:
             frozen = ", ".join(f"{short_unit(u)}@{_fmt_t(t)}" for u, t in r["freeze_steps"].items())
             lines.append(f"seed {r['seed']} {r['adapter']}+SAFE: froze {len(r['frozen_units'])}/{len(r['units'])} "

@@ -24,6 +24,7 @@ from ..measure.meter import TrainingMeter
 from ..safe.config import SAFEConfig
 from ..tuners.bitfit import BitFitConfig
 from ..tuners.bottleneck import HoulsbyConfig, PfeifferConfig
+from .baselines import Baseline
 from .data import BenchInputError, Task, iter_batches
 
 logger = logging.getLogger(__name__)
@@ -112,8 +113,12 @@ def safe_config(adapter: Any, args: argparse.Namespace, total_steps: int, task_t
 
 
 def build_model(task: Task, adapter: str, use_safe: bool, args: argparse.Namespace, seed: int,
-                 total_steps: int) -> nn.Module:
-    """The task's model with ``adapter`` (under SAFE if ``use_safe``), seeded, on ``--device``."""
+                 total_steps: int, baseline: Baseline | None = None) -> nn.Module:
+    """The task's model with ``adapter`` (under SAFE if ``use_safe``), seeded, on ``--device``.
+
+    A ``top:K`` baseline puts the adapter on the top blocks only; a ``prefix:K@T`` one builds SAFE's model (its
+    freezing and backprop cut) with the automatic schedule off: the loop freezes the prefix itself.
+    """
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
@@ -138,9 +143,22 @@ def build_model(task: Task, adapter: str, use_safe: bool, args: argparse.Namespa
         base.config.pad_token_id = 0
     base = _prepare_for_training(base, args)
     config = adapter_config(adapter, args, total_steps, task_type)
-    if use_safe:
+    if baseline is not None and baseline.kind == "top":
+        blocks = int(getattr(base.config, "num_hidden_layers", 0))
+        if not 0 < baseline.blocks < blocks or not hasattr(config, "layers_to_transform"):
+            raise BenchInputError(f"--baseline {baseline.label} needs K below the model's {blocks} blocks and an "
+                                  f"adapter with layers_to_transform (lora, adalora), got {adapter}.")
+        config.layers_to_transform = list(range(baseline.blocks, blocks))
+    prefix = baseline is not None and baseline.kind == "prefix"
+    if use_safe or prefix:
         config = safe_config(config, args, total_steps, task_type)
-    return get_peft_model(base, config).to(args.device)
+    model = get_peft_model(base, config).to(args.device)
+    if prefix:
+        model.base_model.auto_driver.stand_down("the bench's fixed-prefix baseline: no scoring")
+        if baseline.blocks >= len(model.base_model.adapter_units):
+            raise BenchInputError(f"--baseline {baseline.label}: K must leave a unit training (the model has "
+                                  f"{len(model.base_model.adapter_units)}).")
+    return model
 
 
 def _four_bit(args: argparse.Namespace) -> Any:
@@ -215,8 +233,8 @@ def memory_budget_bytes(baseline: Any, fraction: float) -> int:
     return budget
 
 
-def run_one(task: Task, adapter: str, use_safe: bool, args: argparse.Namespace,
-            seed: int) -> tuple[dict[str, Any], TrainingMeter]:
+def run_one(task: Task, adapter: str, use_safe: bool, args: argparse.Namespace, seed: int,
+            baseline: Baseline | None = None, freeze_at: int | None = None) -> tuple[dict[str, Any], TrainingMeter]:
     """Fine-tune ``adapter`` (with SAFE or not) for the run's steps and measure it.
 
     Args:
@@ -225,6 +243,8 @@ def run_one(task: Task, adapter: str, use_safe: bool, args: argparse.Namespace,
         use_safe: wrap the adapter in SAFE.
         args: the parsed bench flags.
         seed: the seed of the initialisation, the batch order and dropout.
+        baseline: a ``--baseline`` to run instead of the plain adapter (``use_safe`` False).
+        freeze_at: the step a ``prefix`` baseline freezes at (its ``T``, or SAFE's first freeze step).
 
     Returns:
         ``(result, meter)``: the run's results (without its memory summary, which needs the paired run) and
@@ -234,16 +254,17 @@ def run_one(task: Task, adapter: str, use_safe: bool, args: argparse.Namespace,
     from tqdm.auto import tqdm
 
     total_steps = total_steps_of(task, args)
-    model = build_model(task, adapter, use_safe, args, seed, total_steps)
+    model = build_model(task, adapter, use_safe, args, seed, total_steps, baseline)
     tuner = model.base_model
-    safe = tuner if use_safe else None
+    prefix = baseline is not None and baseline.kind == "prefix"
+    safe = tuner if use_safe or prefix else None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     scheduler = lr_scheduler(optimizer, args, total_steps)
     meter = TrainingMeter(model, optimizer, measure_every=args.measure_every, flops="cached")
     generator = torch.Generator().manual_seed(seed)
     probe = list(iter_batches(task.probe, args.batch_size, device=args.device))
     n_train = len(task.train["input_ids"])
-    label = f"{adapter}+SAFE" if use_safe else adapter
+    label = f"{adapter}+SAFE" if use_safe else f"{adapter}+{baseline.label}" if baseline else adapter
     n_units = len(safe.adapter_units) if safe else 0
     trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     losses: list[float] = []
@@ -264,7 +285,9 @@ def run_one(task: Task, adapter: str, use_safe: bool, args: argparse.Namespace,
                     optimizer.zero_grad(set_to_none=True)
                 losses.append(float(loss.detach()))
                 step += 1
-                if safe is not None and step % args.score_every == 0:
+                if prefix and step == freeze_at:  # the fixed schedule: the bottom K blocks, now, no scoring
+                    safe.freeze(list(range(baseline.blocks)), optimizer=optimizer, at=step)
+                if use_safe and step % args.score_every == 0:
                     start = time.perf_counter()
                     safe.update_and_freeze(step, probe, optimizer=optimizer)
                     scoring_time += time.perf_counter() - start
@@ -278,6 +301,7 @@ def run_one(task: Task, adapter: str, use_safe: bool, args: argparse.Namespace,
     summary = meter.summary()
     result = {
         "adapter": adapter, "safe": use_safe, "seed": seed, "metric_name": task.metric_name, "metric": metric,
+        "variant": baseline.label if baseline else None, "freeze_at": freeze_at,
         "steps": step, "final_loss": losses[-1], "loss_series": losses,
         "trainable_parameters": trainable_parameters,
         "total_flops": summary.total_flops, "train_time_s": summary.wall_time_s,
