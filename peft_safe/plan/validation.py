@@ -91,12 +91,13 @@ class ValidationRow:
         return max(abs(self.error(key)) for key in self.measured)
 
 
-def _build_model(case: ValidationCase, workdir: str) -> Any:
+def _build_model(case: ValidationCase, workdir: str, memory_budget: float | None = None) -> Any:
     """A random LLaMA of the case's shape in the case's precision, with SAFE over LoRA, ready to train.
 
     Args:
         case: The shape, setup and number of bottom blocks to freeze.
         workdir: An empty folder; 4-bit models are saved there in bfloat16 and loaded back quantized.
+        memory_budget: SAFEConfig's ``memory_budget`` (none by default).
 
     Raises:
         ValueError: For 8 bits, or dtypes other than those peft trains with, naming the value and the fix.
@@ -131,7 +132,8 @@ def _build_model(case: ValidationCase, workdir: str) -> Any:
         )
     lora = LoraConfig(r=settings.lora_r, lora_alpha=2 * settings.lora_r, target_modules=list(settings.target_modules),
                       lora_dropout=0.0, task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, SAFEConfig(adapter_config=lora, task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(model, SAFEConfig(adapter_config=lora, task_type="CAUSAL_LM",
+                                                  memory_budget=memory_budget))
     if case.frozen_blocks:
         peft_model.base_model.freeze(list(range(case.frozen_blocks)))
     if settings.gradient_checkpointing:

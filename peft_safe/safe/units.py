@@ -2,7 +2,8 @@
 
 A unit is what SAFE scores and freezes. Tuner layers are found by ``isinstance`` on peft's
 ``BaseTunerLayer`` (never by parameter-name substrings); each is assigned to the transformer block that
-holds it. The block lists are found greedily: the ``nn.ModuleList`` holding the most adapted layers
+holds it. The block lists are found greedily: the ``nn.ModuleList`` (or ``nn.Sequential`` of blocks, timm's
+``blocks``) holding the most adapted layers
 (``encoder.layer`` in BERT/RoBERTa, ``h`` in GPT-2, ``layers`` in LLaMA), then, among the adapted layers left
 outside it, the list holding the most of those, and so on: an encoder-decoder (T5, BART) gets one unit per block
 on both stacks, encoder first. ``blocks_path`` names the only block list instead. Adapted layers outside any block
@@ -95,10 +96,20 @@ def _block_lists(
     return lists
 
 
+def _is_block_list(module: nn.Module) -> bool:
+    """An ``nn.ModuleList``, or an ``nn.Sequential`` of blocks (timm's ``blocks``: every element a container of
+    its own), not of layers (``nn.Sequential(Linear, ReLU, Linear)``, whose layers stay units of their own)."""
+    if isinstance(module, nn.ModuleList):
+        return len(module) > 0
+    if not isinstance(module, nn.Sequential) or len(module) < 2:
+        return False
+    return all(not isinstance(child, BaseTunerLayer) and any(True for _ in child.children()) for child in module)
+
+
 def _best_block_list(model: nn.Module, layer_names: list[str]) -> tuple[str, nn.Module] | None:
     best, best_count = None, 0
     for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+        if not _is_block_list(module):
             continue
         count = sum(1 for layer_name in layer_names if layer_name.startswith(name + "."))
         # most adapted layers wins; on a tie the outer list (shorter name) wins

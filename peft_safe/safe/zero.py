@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["ZeroHold", "is_zero_param"]
+__all__ = ["ZeroHold", "is_zero_param", "requiring_grad"]
 
 
 def is_zero_param(param: nn.Parameter) -> bool:
@@ -41,7 +41,8 @@ def is_zero_param(param: nn.Parameter) -> bool:
 
 
 @contextlib.contextmanager
-def _requiring_grad(param: nn.Parameter) -> Iterator[None]:
+def requiring_grad(param: nn.Parameter) -> Iterator[None]:
+    """``param`` requires grad inside, as before after: what DeepSpeed's ZeRO-3 accessors need to read a frozen one."""
     before = param.requires_grad
     param.requires_grad_(True)
     try:
@@ -88,7 +89,7 @@ class _Slices:
         if self.z3:
             from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
 
-            with _requiring_grad(self.param):
+            with requiring_grad(self.param):
                 value = (safe_get_local_fp32_param(self.param) if key is None
                          else safe_get_local_optimizer_state(self.param, key))
             return None if value is None else value.detach().clone()
@@ -101,7 +102,7 @@ class _Slices:
         if self.z3:
             from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
 
-            with _requiring_grad(self.param):
+            with requiring_grad(self.param):
                 if key is None:
                     safe_set_local_fp32_param(self.param, value)
                 else:

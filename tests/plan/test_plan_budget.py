@@ -25,12 +25,9 @@ GIB = 1 << 30
 ])
 def test_planned_block_costs_are_what_safes_budget_measures(shape, setup, tmp_path):
     """The plan's per-block bytes against SAFEConfig(memory_budget=...)'s own measurement on a real model."""
-    model = _build_model(ValidationCase(shape, setup, 0), str(tmp_path))
+    model = _build_model(ValidationCase(shape, setup, 0), str(tmp_path), memory_budget=0.5)
     safe = model.base_model
-    safe.peft_config["default"].memory_budget = 0.5
-    from peft_safe.safe.budget import CheckpointBudget
-
-    safe.checkpoint_budget = CheckpointBudget(safe)
+    assert safe.checkpoint_budget is not None
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(1, shape.vocab_size, (setup.batch_size, setup.seq_len), generator=generator)
     model.train()

@@ -12,7 +12,6 @@ what it saw to OUT_DIR/rank{RANK}.json.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -29,6 +28,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from peft_safe import SAFEConfig  # noqa: E402
+from peft_safe.safe.zero import requiring_grad  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the launcher's start and finish
 from torchrun import finish_rank, start_rank  # noqa: E402
@@ -53,16 +53,6 @@ def rows(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, 64, (n, 12), generator=generator)
     return [{"input_ids": row, "attention_mask": torch.ones_like(row), "labels": row} for row in ids]
-
-
-@contextlib.contextmanager
-def requiring_grad(param):
-    before = param.requires_grad
-    param.requires_grad_(True)
-    try:
-        yield
-    finally:
-        param.requires_grad_(before)
 
 
 def full_values(param, stage: int) -> dict[str, torch.Tensor]:

@@ -161,12 +161,14 @@ def test_model_without_module_list_gives_one_unit_per_adapted_module():
     assert all(p.requires_grad for p in safe.model[2].lora_A.parameters())
 
 
-def test_blocks_in_sequential_are_per_module_units_unless_blocks_path_names_them():
+def test_blocks_in_a_sequential_are_detected_like_a_module_list():
+    # issue 21.6: timm-style blocks (an nn.Sequential of blocks) were single-layer units: freeze([0, 1]) froze two
+    # layers of one block and there was no cut; blocks_path="body" was needed
     torch.manual_seed(0)
     auto = custom_safe(SequentialNet(), ["fc1", "fc2", "head"])
-    assert auto.base_model.adapter_units == [
-        "body.0.fc1", "body.0.fc2", "body.1.fc1", "body.1.fc2", "body.2.fc1", "body.2.fc2", "head",
-    ]
+    assert auto.base_model.adapter_units == ["body.0", "body.1", "body.2", "head"]
+    auto.base_model.freeze([0, 1])
+    assert auto.base_model.backprop_cut_block == "body.2"
     torch.manual_seed(0)
     by_path = custom_safe(SequentialNet(), ["fc1", "fc2", "head"], blocks_path="body")
     assert by_path.base_model.adapter_units == ["body.0", "body.1", "body.2", "head"]
