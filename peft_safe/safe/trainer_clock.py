@@ -2,12 +2,14 @@
 checkpoints.
 
 :class:`TrainerClock` is what :class:`~.driver.AutoDriver` attaches to the Trainer it finds running: at
-``on_step_end`` (``state.global_step``) or ``on_epoch_end`` it has the driver score, as SAFECallback would; at
+``on_step_end`` (``state.global_step``) or ``on_epoch_end`` it has the driver score, as SAFECallback would (and
+runs AdaLoRA's rank allocation at ``on_optimizer_step``, as SAFECallback does); at
 ``on_save`` the driver's probe set goes into the checkpoint folder (:data:`PROBE_FILE`, per process), and
 :func:`load_probe` reads it back when ``train()`` resumes from that folder, so a resumed run scores on the batches
 the uninterrupted one did. The driver is held weakly: a Trainer never keeps a model alive through it.
 
-Imports: torch, and of this package ``reporting`` (to find what the running ``train()`` resumes from).
+Imports: torch, peft's AdaLoRA tuner (when it runs), and of this package ``reporting`` (to find what the
+running ``train()`` resumes from).
 """
 
 from __future__ import annotations
@@ -98,6 +100,15 @@ class TrainerClock:
         safe = driver._safe_ref() if driver is not None else None
         if safe is not None and safe.active_adapters and safe.safe_config.schedule_unit == "epoch":
             self._call("_on_trainer_time", round(state.epoch or 0.0, 6), kwargs.get("optimizer"))
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # AdaLoRA reallocates ranks after each optimizer step, while the gradients exist (as SAFECallback does)
+        from peft.tuners.adalora import AdaLoraModel
+
+        driver = self._driver()
+        safe = driver._safe_ref() if driver is not None else None
+        if driver is not None and driver.active and isinstance(safe, AdaLoraModel) and safe.active_adapters:
+            safe.update_and_allocate(state.global_step)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._call("_save_probe")

@@ -126,7 +126,9 @@ def test_orthogonality_loss_still_reaches_the_trainable_units(tiny, single_threa
     assert all(not torch.equal(grads[0.0][n], grads[0.5][n]) for n in grads[0.5])
 
 
-def test_callback_allocates_ranks_at_every_optimizer_step_while_units_freeze(tiny, tmp_path, single_thread_torch):
+@pytest.mark.parametrize("with_callback", [True, False], ids=["SAFECallback", "automatic"])
+def test_callback_allocates_ranks_at_every_optimizer_step_while_units_freeze(tiny, tmp_path, single_thread_torch,
+                                                                               with_callback):
     base = tiny.bert(layers=LAYERS)
     config = SAFEConfig(
         adapter_config=adalora(), task_type="SEQ_CLS", schedule_unit="step", scoring_interval=2,
@@ -142,8 +144,8 @@ def test_callback_allocates_ranks_at_every_optimizer_step_while_units_freeze(tin
         report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, logging_steps=1000,
     )
     probe = [{k: v for k, v in r.items() if k != "labels"} for r in rows[:8]]
-    callback = SAFECallback(probe_dataset=probe, batch_size=4)
-    trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[callback])
+    callbacks = [SAFECallback(probe_dataset=probe, batch_size=4)] if with_callback else []  # else: the driver's clock
+    trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=callbacks)
     trainer.train()
     safe = model.base_model
     frozen = safe.frozen_units
