@@ -20,7 +20,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from ..reporting import find_trainer, follow_transformers_verbosity, log_to_trainer
 from ..safe.distributed import check_trainer_ddp
-from ..safe.driver import progress_record, schedule_length_warning, score_if_due
+from ..safe.driver import check_trainer_schedule, progress_record, score_if_due
 from ..safe.model import SAFEModel, find_safe_model
 from ..safe.scoring import check_probe_batch
 from .probe import default_collator, examples_to_batches, is_batch_list, take, take_batches
@@ -138,18 +138,8 @@ class SAFECallback(TrainerCallback):
         if trainer is not None:
             self._trainer = weakref.ref(trainer)
         config = safe.safe_config
-        if config.schedule_unit == "epoch" and not float(config.scoring_interval).is_integer():
-            raise ValueError(
-                f"SAFECallback scores at epoch ends, so with schedule_unit='epoch' scoring_interval must be a whole "
-                f"number of epochs, got {config.scoring_interval}. To score within an epoch, use "
-                "schedule_unit='step' with scoring_interval (and final_freeze_time) in optimizer steps."
-            )
+        check_trainer_schedule(config, state, "SAFECallback", stacklevel=2)  # as the automatic schedule checks it
         self._probe_batches = self._build_probe_batches(kwargs["model"], kwargs.get("processing_class"), trainer)
-        length = getattr(state, "max_steps" if config.schedule_unit == "step" else "num_train_epochs", None)
-        too_long = schedule_length_warning(config, length)
-        if too_long is not None:
-            warnings.warn(too_long, UserWarning, stacklevel=2)
-            logger.warning(too_long)
         start = getattr(state, "global_step" if config.schedule_unit == "step" else "epoch", None) or 0
         last = safe.freeze_state.last_scored
         if last is not None and start < last:

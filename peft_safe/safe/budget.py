@@ -48,15 +48,14 @@ def _tokens(args: tuple, kwargs: dict) -> int:
     return 1
 
 
-def check_one_block_list(safe: Any, fix: str) -> dict[str, Any]:
+def check_one_block_list(safe: Any, field: str, fix: str) -> dict[str, Any]:
     """The model's one block list holding adapter units, by path; refused for two (T5, BART: no frozen prefix).
 
     Raises:
-        ValueError: naming the field (the start of ``fix``) and ``fix``.
+        ValueError: naming ``field`` and ``fix``.
     """
     lists = _block_lists(safe.model, safe._units())
     if len(lists) != 1:
-        field = fix.split("=")[0]
         raise ValueError(
             f"{field} needs the adapter units in one block list (a decoder-only or encoder-only model); this "
             f"model's units lie in {len(lists)} ({sorted(lists)}), with no frozen prefix across them. Set {fix}."
@@ -76,8 +75,8 @@ class CheckpointBudget:
     """
 
     def __init__(self, safe: Any) -> None:
-        lists = check_one_block_list(safe, "memory_budget=None, or checkpoint it yourself with "
-                                           "gradient_checkpointing_enable()")
+        lists = check_one_block_list(safe, "memory_budget", "memory_budget=None, or checkpoint it yourself with "
+                                                            "gradient_checkpointing_enable()")
         (self.path, blocks), = lists.items()
         self.blocks = list(blocks)
         refused = [f"{self.path}.{i}" for i, b in enumerate(self.blocks) if not hasattr(b, "gradient_checkpointing")]

@@ -30,7 +30,7 @@ warning at the first training step, naming the fix, and the driver stands down. 
 follows the Trainer's clock like any other engine, and frozen units are held still (:mod:`.zero`).
 
 Imports: torch, peft's tuner layer class, and of this package ``batch``, ``reporting`` (the Trainer's logging
-path), ``safe.distributed``, ``safe.optimizer``, ``safe.trainer_clock``, ``safe.units``.
+path), ``safe.distributed``, ``safe.trainer_clock``, ``safe.units``.
 """
 
 from __future__ import annotations
@@ -49,12 +49,11 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from ..batch import real_tokens
 from ..reporting import find_on_stack, find_trainer, follow_transformers_verbosity, log_to_trainer
 from .distributed import check_ddp, check_trainer_ddp
-from .optimizer import drop_from_optimizer
 from .trainer_clock import PROBE_FILE, attach_clock, load_probe, save_probe
 from .units import unit_parameters
 
-__all__ = ["MAX_PROBE_BATCHES", "PROBE_FILE", "AutoDriver", "progress_record", "resume_steps",
-           "schedule_length_warning", "score_if_due"]
+__all__ = ["MAX_PROBE_BATCHES", "PROBE_FILE", "AutoDriver", "check_trainer_schedule", "progress_record",
+           "resume_steps", "schedule_length_warning", "score_if_due"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +121,26 @@ def schedule_length_warning(config: Any, length: float | None) -> str | None:
     )
 
 
+def check_trainer_schedule(config: Any, state: Any, who: str, stacklevel: int) -> None:
+    """What SAFECallback and the automatic schedule check of the schedule when a Trainer's run starts: whole epochs
+    for the epoch unit (refused otherwise), and a schedule longer than the run (a warning, and a log line).
+
+    Raises:
+        ValueError: for a fractional ``scoring_interval`` with ``schedule_unit="epoch"``.
+    """
+    if config.schedule_unit == "epoch" and not float(config.scoring_interval).is_integer():
+        raise ValueError(
+            f"{who} scores at epoch ends, so with schedule_unit='epoch' scoring_interval must be a whole number of "
+            f"epochs, got {config.scoring_interval}. To score within an epoch, use schedule_unit='step' with "
+            "scoring_interval (and final_freeze_time) in optimizer steps."
+        )
+    length = getattr(state, "max_steps" if config.schedule_unit == "step" else "num_train_epochs", None)
+    message = schedule_length_warning(config, length)
+    if message is not None:
+        warnings.warn(message, UserWarning, stacklevel=stacklevel + 1)
+        logger.warning(message)
+
+
 def resume_steps(state: Any) -> int:
     """The optimizer step a plain loop resumes at: the count saved, else (older checkpoints) the last scoring step."""
     if state.optimizer_steps is not None:
@@ -144,7 +163,6 @@ class AutoDriver:
         self.steps = 0  # optimizer steps seen (the plain loop's clock)
         self._safe_ref = weakref.ref(safe)
         self._transient()
-        self._in_tuner = 0  # tuner forwards in progress
         # A PeftModel without task_type calls the wrapped model, not the tuner; with one, the tuner's forward calls
         # the wrapped model: the outermost of the two acts (the tuner's, before the prefix cache's hook there).
         self._handles = (
@@ -164,7 +182,7 @@ class AutoDriver:
         self._global_handle: Any = None
         self._pending = False
         self._loop_started = False
-        self._in_tuner = 0
+        self._in_tuner = 0  # tuner forwards in progress
         self.acting = False  # True while the driver itself calls update_and_freeze
 
     def __getstate__(self) -> dict[str, Any]:
@@ -205,12 +223,6 @@ class AutoDriver:
         """Count optimizer steps from ``steps`` (a loaded checkpoint's count; 0 for a schedule started anew)."""
         self.steps = int(steps)
         self._pending = False
-
-    def detach(self) -> None:
-        """Remove the hooks from the model: SAFE lets it go (``merge_and_unload``, ``unload``)."""
-        self.stand_down("the SAFE tuner let its model go")
-        for handle in self._handles:
-            handle.remove()
 
     # ------------------------------------------------------------------ hooks
     def _on_tuner_forward(self, module: Any, args: tuple, kwargs: dict) -> None:
@@ -267,28 +279,21 @@ class AutoDriver:
             warnings.warn(f"SAFE will not freeze units by itself here: {err}", UserWarning, stacklevel=5)
             self.stand_down("DistributedDataParallel without find_unused_parameters=True")
             return
-        if config.schedule_unit == "epoch" and not float(config.scoring_interval).is_integer():
-            raise ValueError(
-                f"SAFE scores at epoch ends, so with schedule_unit='epoch' scoring_interval must be a whole number "
-                f"of epochs, got {config.scoring_interval}; use schedule_unit='step' to score within an epoch."
-            )
-        state = trainer.state
-        length = state.max_steps if config.schedule_unit == "step" else state.num_train_epochs
-        message = schedule_length_warning(config, length)
-        if message is not None:
-            warnings.warn(message, UserWarning, stacklevel=5)
-            logger.warning(message)
+        check_trainer_schedule(config, trainer.state, "SAFE", stacklevel=5)
         attach_clock(trainer, self)
         self.probe = load_probe(trainer)  # the resumed checkpoint's, else none yet: this run's first batches
         self._probe_tokens = sum(real_tokens(batch) for batch in self.probe)
         logger.info("SAFE drives its own schedule (no SAFECallback): scoring every %s %s(s) of the Trainer",
                     config.scoring_interval, config.schedule_unit)
 
-    def _on_trainer_time(self, trainer: Any, t: float, optimizer: Any) -> None:
+    def _on_trainer_time(self, trainer: Any, unit: str, t: float, optimizer: Any) -> None:
         safe = self._safe_ref()
-        if safe is None or not self.active or trainer is not self.trainer or not safe.active_adapters:
+        if safe is None or not safe.active_adapters or safe.safe_config.schedule_unit != unit:
             return
-        self._act(safe, t, optimizer, trainer)
+        if unit == "step":
+            self.steps = int(t)  # the Trainer's step is the count a later plain loop or checkpoint continues from
+        if self.active and trainer is self.trainer:
+            self._act(safe, t, optimizer, trainer)
 
     def _on_trainer_end(self, trainer: Any) -> None:
         if trainer is self.trainer:
@@ -344,9 +349,7 @@ class AutoDriver:
             self._holders[optimizer] = holds
         if holds:  # not another optimizer (a critic, a discriminator...)
             if optimizer is not self.optimizer:  # a new one, built before the last freeze: it keeps no frozen unit
-                frozen = safe.freeze_state.frozen
-                drop_from_optimizer(optimizer, [p for unit in safe._units() if unit.name in frozen
-                                                for p in unit_parameters(unit, safe.safe_adapter_name)])
+                safe._apply_freeze_state(optimizer)
             self._optimizer_ref = weakref.ref(optimizer)
             self.steps += 1
             self._pending = True

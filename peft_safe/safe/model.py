@@ -143,7 +143,7 @@ class SAFEModel(FrozenUnitsMixin, BaseTuner):
         super().__init__(model, config, adapter_name, **kwargs)
         check_cache_dir_writable(self.safe_config)  # now, not at the first row spilled to disk
         if self.safe_config.cache_frozen:  # T5, BART: two stacks, no frozen prefix to cache
-            check_one_block_list(self, "cache_frozen=False")
+            check_one_block_list(self, "cache_frozen", "cache_frozen=False")
         self.auto_driver = AutoDriver(self)  # drives the schedule while nothing else does (see driver.py)
         self.prefix_cache = PrefixCache(self)  # after the driver's hook: it sees the cut a freeze just moved
         install_state_dict_hooks(self)  # the freeze state travels in model.state_dict() too (see state_dict.py)

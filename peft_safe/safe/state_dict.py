@@ -66,7 +66,7 @@ def extra_state(safe: Any) -> torch.Tensor:
 
 
 def _record_text(value: torch.Tensor) -> str:
-    data = bytes(value.reshape(-1).cpu().numpy().tobytes())
+    data = value.reshape(-1).cpu().numpy().tobytes()
     if data[: len(_MAGIC)] == _MAGIC:
         _, length = _HEADER.unpack_from(data)
         return zlib.decompress(data[_HEADER.size : _HEADER.size + length]).decode("utf-8")

@@ -89,17 +89,10 @@ class TrainerClock:
             getattr(driver, method)(trainer, *args)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        driver = self._driver()
-        safe = driver._safe_ref() if driver is not None else None
-        if safe is not None and safe.active_adapters and safe.safe_config.schedule_unit == "step":
-            driver.steps = int(state.global_step)
-            self._call("_on_trainer_time", float(state.global_step), kwargs.get("optimizer"))
+        self._call("_on_trainer_time", "step", float(state.global_step), kwargs.get("optimizer"))
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        driver = self._driver()
-        safe = driver._safe_ref() if driver is not None else None
-        if safe is not None and safe.active_adapters and safe.safe_config.schedule_unit == "epoch":
-            self._call("_on_trainer_time", round(state.epoch or 0.0, 6), kwargs.get("optimizer"))
+        self._call("_on_trainer_time", "epoch", round(state.epoch or 0.0, 6), kwargs.get("optimizer"))
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         # AdaLoRA reallocates ranks after each optimizer step, while the gradients exist (as SAFECallback does)
