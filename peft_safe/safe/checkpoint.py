@@ -35,7 +35,16 @@ __all__ = ["FREEZE_STATE_KEY", "check_loadable", "decode_payload", "encode_paylo
 # installed peft, and AdaLoRA's rank allocation rewrites rank_pattern while training. The prefix cache's options
 # change how a step is computed, never what the weights mean (a run may train with the cache and resume without).
 _VOLATILE_CONFIG_FIELDS = ("inference_mode", "base_model_name_or_path", "revision", "peft_version", "auto_mapping",
-                           "rank_pattern", *CACHE_FIELDS)
+                           "rank_pattern", *CACHE_FIELDS,
+                           # how an adapter starts that leaves the base weights as they are: a trained checkpoint
+                           # means the same under any of them (issue 21.19; peft sets init_weights = True itself
+                           # before a PiSSA conversion). Inits that rewrite the base (PiSSA, OLoRA, LoftQ...) stay.
+                           "loftq_config", "eva_config", "corda_config", "lora_ga_config")
+
+# Values of ``init_lora_weights`` / ``init_weights`` under which the base model is left untouched: one value in
+# the fingerprint. "pissa", "olora", "loftq", "corda"... rewrite the base weights and stay distinct.
+_BASE_KEEPING_INITS = (True, False, "gaussian", "eva", "orthogonal")
+_INIT_FIELDS = ("init_lora_weights", "init_weights")
 
 
 # Payloads from this format version on carry an integrity record whose ``state_sha256`` seals the whole record.
@@ -153,7 +162,7 @@ def _config_fingerprint(config: SAFEConfig) -> dict[str, Any]:
             k: sorted(set(v)) if isinstance(v, list) and all(isinstance(i, str) for i in v) else v
             for k, v in data.items()
             if k not in _VOLATILE_CONFIG_FIELDS
-        }
+        } | {k: "keeps the base" for k in _INIT_FIELDS if data.get(k, ()) in _BASE_KEEPING_INITS}
 
     data = config.to_dict()
     data = {**strip(data), "adapter_config": strip(data["adapter_config"])}

@@ -214,6 +214,27 @@ def test_fields_peft_changes_on_its_own_do_not_count_as_a_mismatch(saved, tiny, 
         assert model.base_model.freeze_state.to_dict() == saved["state"]
 
 
+@pytest.mark.parametrize("init", [True, "gaussian", "orthogonal"])
+def test_a_config_differing_only_in_an_init_that_keeps_the_base_loads(saved, tiny, tmp_path, init):
+    # issue 21.19: how an adapter starts says nothing about trained weights (peft itself sets init_weights = True
+    # before a PiSSA conversion); the checkpoint was saved with init_lora_weights=False (tiny configs start non-zero)
+    path = copy_checkpoint(saved["path"], tmp_path / "ckpt")
+    edit_config(**{"adapter_config.init_lora_weights": init, "adapter_config.loftq_config": {"loftq_bits": 4}})(path)
+    model = PeftModel.from_pretrained(tiny.bert(layers=LAYERS), path, is_trainable=True)
+    assert model.base_model.freeze_state.to_dict() == saved["state"]
+    for name, param in saved["model"].named_parameters():
+        if "lora_" in name:
+            assert torch.equal(model.get_parameter(name), param), name
+
+
+def test_a_config_whose_init_rewrites_the_base_is_still_a_mismatch(saved, tiny, tmp_path):
+    # PiSSA's adapter is trained against a rewritten base: loading it as a plain LoRA checkpoint is refused
+    path = copy_checkpoint(saved["path"], tmp_path / "ckpt")
+    edit_config(**{"adapter_config.init_lora_weights": "pissa"})(path)
+    with pytest.raises(ValueError, match="init_lora_weights"):
+        PeftModel.from_pretrained(tiny.bert(layers=LAYERS), path, is_trainable=True)
+
+
 def test_checkpoint_without_an_integrity_record_still_loads(saved, tiny, tmp_path):
     # checkpoints written before the record existed (format 1)
     path = copy_checkpoint(saved["path"], tmp_path / "ckpt")
