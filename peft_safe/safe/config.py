@@ -20,7 +20,7 @@ from ..core.budget import check_memory_budget
 from ..core.cka import SCORING_SITES
 from ..core.policy import SchedulePolicy, as_number
 from ..core.schedule import DEFAULT_WARMUP_TOLERANCE, FREEZE_ORDERS, SCORE_SCALES, WARMUP_RULES
-from .cache_options import DEFAULT_CACHE_MEMORY_BYTES, check_cache_options
+from .cache_options import DEFAULT_CACHE_DISK_BYTES, DEFAULT_CACHE_MEMORY_BYTES, check_cache_options
 from .config_fields import check_change_after_build, renamed_reader, warn_renamed, with_adapter_fields, wrapped_name
 from .model_card import add_safe_section
 from .weights_file import RECORD_KEY, check_weights_file, keep_record, save_config_atomically, weights_record
@@ -104,7 +104,7 @@ class SAFEConfig(PeftConfig):
         blocks_path: dotted path (from the base model) of the list of transformer blocks; found automatically
             when ``None``.
         seed: seed of the token subsampling; the global RNG is never touched.
-        cache_frozen, cache_memory_bytes, cache_dir: the frozen prefix's cache, off by default (:mod:`.prefix_cache`).
+        cache_frozen, cache_memory_bytes, cache_disk_bytes, cache_dir: the frozen prefix's cache, off by default.
 
     Raises:
         ValueError: for values out of range, named with the range they must be in.
@@ -164,6 +164,7 @@ class SAFEConfig(PeftConfig):
     seed: int = field(default=0, metadata={"help": "Seed of the probe-token subsampling."})
     cache_frozen: bool = field(default=False, metadata={"help": "Serve the frozen blocks' output from a cache."})
     cache_memory_bytes: int = field(default=DEFAULT_CACHE_MEMORY_BYTES, metadata={"help": "Cache RAM before disk."})
+    cache_disk_bytes: int = field(default=DEFAULT_CACHE_DISK_BYTES, metadata={"help": "Cache disk, then no more."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where rows beyond the RAM budget go."})
     # The deprecated names (final_freeze_epoch, max_warmup) and the wrapped config's fields (r, target_modules...)
     # are keyword arguments too: the __init__ installed below this class maps them (see _forwarding_init).

@@ -6,33 +6,35 @@ forward stores, for each example of the batch, the hidden states entering the *c
 a batch is stored, the frozen blocks' forward is skipped (each returns its input untouched) and the cut block
 gets the stored states instead. The input embeddings still run (cheap).
 
-- **Keys.** An example is keyed by its content: ``input_ids`` and, when given with the same (batch, sequence)
-  shape, ``attention_mask``, ``token_type_ids`` and ``position_ids``, with trailing padding (where the attention
-  mask ends) stripped. Shuffling and dynamic right padding therefore hit; leading (left) padding is part of the
-  key. Stored rows hold the real positions only and are padded back with zeros, which no real token attends to.
+- **Keys.** An example is keyed by every input the frozen prefix receives (:func:`.prefix_rows.row_keys`):
+  its ids, masks, token types and positions with trailing padding stripped, and the rest of the batch's inputs
+  whole. Shuffling and dynamic right padding therefore hit; leading (left) padding is part of the key. Stored
+  rows hold the real positions only and are padded back with zeros, which no real token attends to.
 - **When.** Only on training forwards (train mode, grad enabled) that pass ``input_ids`` and no
   ``inputs_embeds``: never during SAFE's scoring (eval mode, no grad) or evaluation.
 - **Exactness.** While caching, the frozen blocks run in eval mode (no dropout in them, LoRA's dropout included),
   so a served step equals one computed in full with those blocks in eval mode, to float rounding.
 - **Invalidation.** The rows are dropped whenever the prefix may compute something else: the cut moves (a new
-  freeze, ``restart_schedule``, a unit thawed by hand), a frozen parameter is changed in place (``_version``:
-  a merge, ``load_state_dict``), the adapters below the cut are switched off or swapped, or autocast changes.
-  A prefix whose input carries a gradient somebody keeps (a trainable embedding) is never cached (a warning).
+  freeze, ``restart_schedule``, a unit thawed by hand), a frozen tensor of the prefix is changed in place or
+  replaced (its ``_version``, storage, identity, dtype or device: a merge, ``load_state_dict`` with or without
+  ``assign``, ``weight.data = ...``, ``model.to(torch.bfloat16)``), the adapters below the cut are switched off or
+  swapped, or autocast changes. A prefix whose input carries a gradient somebody keeps (a trainable embedding) is
+  never cached (a warning).
 - **Where rows live.** Host memory up to ``cache_memory_bytes``, then one file per example under a temporary
-  folder (in ``cache_dir`` when given), removed when the rows are dropped.
+  folder (in ``cache_dir`` when given) up to ``cache_disk_bytes`` (:class:`.prefix_rows.RowStore`), removed when
+  the rows are dropped. When both are full, rows already held are still served and no more are stored (a
+  warning); when they fill before any example came back (inputs that never repeat), caching stops (a warning).
+  A row file removed under the cache is a miss, said once.
 
 :meth:`PrefixCache.stats` reports hits, the hit rate and the bytes held; the meter reads it
 (:mod:`peft_safe.measure.cache`). Imports torch and peft's tuner-layer base, and of this package
-``safe.truncation``.
+``safe.truncation`` and ``safe.prefix_rows``.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
-import shutil
-import tempfile
+import itertools
 import warnings
 import weakref
 from collections.abc import Mapping
@@ -42,12 +44,11 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch.nn.modules.module import register_module_forward_pre_hook
 
+from .prefix_rows import RowStore, row_keys
 from .truncation import _hidden_state, _replace, find_cut_block
 
 __all__ = ["PrefixCache", "row_keys"]
 
-# Inputs that shape the prefix's output per position, keyed when they come as a (batch, sequence) tensor.
-_KEYED = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 _MISSING = object()
 
 
@@ -60,42 +61,6 @@ def _autocast_state() -> tuple:
 def _active_config(safe: Any) -> Any:
     """The active adapter's config of the SAFE tuner, or None (the tuner is gone or has no active adapter)."""
     return safe.peft_config.get(safe.active_adapters[0]) if safe is not None and safe.active_adapters else None
-
-
-def row_keys(args: tuple, kwargs: dict) -> tuple[list[bytes], list[int], tuple[int, int]] | None:
-    """Content keys of a batch's examples, their unpadded lengths and the batch shape; None when not keyable.
-
-    Not keyable: no 2-D ``input_ids`` (given as ``input_ids=`` or the only positional argument), ``inputs_embeds``
-    given, or one of the keyed inputs in another shape (a 4-D attention mask), which the key could not capture.
-    """
-    if kwargs.get("inputs_embeds") is not None or len(args) > 1:
-        return None
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-        return None
-    shape = (int(ids.shape[0]), int(ids.shape[1]))
-    parts = {"input_ids": ids}
-    for name in _KEYED[1:]:
-        value = kwargs.get(name)
-        if value is None:
-            continue
-        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
-            return None
-        parts[name] = value
-    rows = {name: value.detach().cpu() for name, value in sorted(parts.items())}
-    mask = rows.get("attention_mask")
-    if mask is None:
-        lengths = [shape[1]] * shape[0]
-    else:  # one past the last real position; 0 for a row without any
-        lengths = ((mask != 0) * torch.arange(1, shape[1] + 1)).amax(dim=1).tolist()
-    keys = []
-    for i, length in enumerate(lengths):
-        digest = hashlib.blake2b(digest_size=16)
-        for name, value in rows.items():
-            digest.update(f"{name}:{value.dtype}:".encode())
-            digest.update(value[i, :length].numpy().tobytes())
-        keys.append(digest.digest())
-    return keys, lengths, shape
 
 
 class PrefixCache:
@@ -126,12 +91,10 @@ class PrefixCache:
         self.invalidations = 0  # times stored rows were dropped because the prefix changed
 
     def _transient(self) -> None:
-        self._memory: dict[bytes, torch.Tensor] = {}
-        self._disk: dict[bytes, str] = {}
-        self.memory_bytes = 0
-        self.disk_bytes = 0
-        self._folder: str | None = None
-        self._finalizer: Any = None
+        self._rows = RowStore()
+        self._hits_since_drop = 0  # row hits since the rows were last dropped: none when the store fills means
+        self._stopped: str | None = None  # that inputs never repeat, and caching stops until clear()
+        self._full = False  # the store had no room for a row: no more are stored until the rows are dropped
         self._site: dict[str, Any] | None = None
         self._located_key: Any = None
         self._located: tuple[str, int] | None = None
@@ -174,12 +137,12 @@ class PrefixCache:
             "row_lookups": self.row_lookups,
             "row_hits": self.row_hits,
             "hit_rate": self.row_hits / self.row_lookups if self.row_lookups else None,
-            "rows_in_memory": len(self._memory),
-            "memory_bytes": self.memory_bytes,
-            "rows_on_disk": len(self._disk),
-            "disk_bytes": self.disk_bytes,
+            "rows_in_memory": len(self._rows.memory),
+            "memory_bytes": self._rows.memory_bytes,
+            "rows_on_disk": len(self._rows.disk),
+            "disk_bytes": self._rows.disk_bytes,
             "invalidations": self.invalidations,
-            "refused": self._refused,
+            "refused": self._stopped or self._refused,
         }
 
     def would_serve(self, inputs: Any) -> bool:
@@ -188,25 +151,26 @@ class PrefixCache:
         switches before the forward makes it wrong. Holds no rows and moves no hooks."""
         safe, site = self._safe_ref(), self._site
         enabled = getattr(_active_config(safe), "cache_frozen", False) and isinstance(inputs, Mapping)
-        if not enabled or site is None or self._refused is not None or site["output_kind"] is None:
+        if not enabled or site is None or self._stopped or self._refused or site["output_kind"] is None:
             return False
         located = self._locate(safe)  # where the cut is now (a freeze since the last forward moves it)
         if located is None or f"{located[0]}.{located[1]}" != site["name"]:
             return False
         rows = row_keys((), dict(inputs))
-        keys = rows[0] if rows is not None else []
-        return bool(keys) and all(key in self._memory or key in self._disk for key in keys)
+        keys = rows.keys if not isinstance(rows, str) else []
+        return bool(keys) and all(key in self._rows for key in keys)
 
     @property
     def folder(self) -> str | None:
         """The folder rows beyond the memory budget are written to; None while none is."""
-        return self._folder
+        return self._rows.folder
 
     def clear(self) -> None:
         """Drop every stored row (memory and disk) and the hooks on the blocks; the next forward starts afresh."""
         self._drop_rows()
         self._uninstall()
         self._located_key = None
+        self._stopped = None
 
     # ------------------------------------------------------------------ the tuner's forward
     def _before(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -220,24 +184,27 @@ class PrefixCache:
         safe = self._safe_ref()
         config = _active_config(safe)
         if not getattr(config, "cache_frozen", False):
-            if self._site is not None or self._memory or self._disk:
+            if self._site is not None or len(self._rows):
                 self.clear()
             return
         if not (module.training and torch.is_grad_enabled()):
             return
         site = self._current_site(safe)
-        if site is None or self._refused is not None:
+        if site is None or self._refused is not None or self._stopped is not None:
             return
         rows = row_keys(args, kwargs)
-        if rows is None:
+        if isinstance(rows, str):
+            self._warn_once(f"SAFE's prefix cache computes such batches in full: {rows}.")
             return
-        keys, lengths, shape = rows
-        hits = sum(1 for key in keys if key in self._memory or key in self._disk)
+        hits = sum(1 for key in rows.keys if key in self._rows)
         self.forwards += 1
-        self.row_lookups += len(keys)
+        self.row_lookups += len(rows.keys)
         self.row_hits += hits
-        self._step = {"keys": keys, "lengths": lengths, "shape": shape}
-        self._serving = bool(keys) and hits == len(keys) and site["output_kind"] is not None
+        self._hits_since_drop += hits
+        self._step = {"keys": rows.keys, "lengths": rows.lengths, "shape": rows.shape}
+        if rows.keys and hits == len(rows.keys) and site["output_kind"] is not None:
+            self._step["rows"] = self._load(rows.keys)
+            self._serving = self._step["rows"] is not None
         # No dropout in the prefix (the frozen blocks and the leaf modules that run before them, such as the
         # embeddings' dropout): what is stored is what every later epoch gets.
         self._modes = [(m, m.training) for block in site["below"] for m in block.modules()]
@@ -318,10 +285,9 @@ class PrefixCache:
     def _install(self, safe: Any, path: str, index: int) -> None:
         blocks = safe.model.get_submodule(path)
         below = [blocks[i] for i in range(index)]
-        above = {id(p) for i in range(index, len(blocks)) for p in blocks[i].parameters()}
         self._site = {
             # what the cut block's input depends on: the blocks below and everything outside the block list
-            "prefix_params": [p for p in safe.model.parameters() if id(p) not in above],
+            "above": tuple(f"{path}.{i}." for i in range(index, len(blocks))),
             "name": f"{path}.{index}",
             "below": below,
             "layers": [m for block in below for m in block.modules() if isinstance(m, BaseTunerLayer)],
@@ -346,8 +312,15 @@ class PrefixCache:
         self._refused = None
 
     def _signature(self, safe: Any, site: dict[str, Any]) -> tuple:
-        # _version counts in-place changes of a tensor: a merge or load_state_dict into a frozen weight moves it
-        versions = sum(p._version for p in site["prefix_params"] if not p.requires_grad)
+        # Every frozen tensor the cut block's input depends on, read afresh (load_state_dict(assign=True) puts new
+        # ones in): _version counts in-place changes (a merge, load_state_dict), the storage moves with
+        # `weight.data = new`, the dtype and device with model.to(...).
+        model = safe.model
+        versions = tuple(
+            (name, id(t), t.data_ptr(), t._version, t.dtype, t.device)
+            for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+            if not t.requires_grad and not name.startswith(site["above"])
+        )
         switches = tuple(
             (layer.disable_adapters, tuple(layer.active_adapters), layer.merged) for layer in site["layers"]
         )
@@ -394,7 +367,7 @@ class PrefixCache:
         where, hidden = found
         batch, seq = step["shape"]
         if serving:
-            rows = [self._row(key) for key in step["keys"]]
+            rows = step["rows"]
             states = torch.zeros((batch, seq, *rows[0].shape[1:]), dtype=rows[0].dtype)
             for i, (row, length) in enumerate(zip(rows, step["lengths"])):
                 states[i, :length] = row
@@ -405,7 +378,7 @@ class PrefixCache:
                          f"= ({batch}, {seq}, ...) of the input ids")
             return None
         for i, (key, length) in enumerate(zip(step["keys"], step["lengths"])):
-            if key not in self._memory and key not in self._disk:
+            if key not in self._rows and not self._full and self._stopped is None:
                 self._store(key, hidden[i, :length].detach())
         return None
 
@@ -413,38 +386,50 @@ class PrefixCache:
         self._end_forward()
         self._drop_rows()
         self._refused = reason
-        if reason not in self._warned:
-            self._warned.add(reason)
-            warnings.warn(f"SAFE's prefix cache (cache_frozen=True) is not used: {reason}.", stacklevel=2)
+        self._warn_once(f"SAFE's prefix cache (cache_frozen=True) is not used: {reason}.")
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(message, stacklevel=3)
 
     # ------------------------------------------------------------------ rows
     def _store(self, key: bytes, row: torch.Tensor) -> None:
-        row = row.clone() if row.device.type == "cpu" else row.cpu()  # its own storage, not the batch's
         config = self._safe_ref().safe_config
-        if self.memory_bytes + row.nbytes <= config.cache_memory_bytes:
-            self._memory[key] = row
-            self.memory_bytes += row.nbytes
+        try:
+            kept = self._rows.put(key, row, config)
+        except OSError as err:
+            kept = False
+            self._warn_once(f"SAFE's prefix cache cannot write rows to {self._rows.folder!r} ({err}); it keeps "
+                            "serving the rows it holds and stores no more until they are dropped.")
+        if kept:
             return
-        if self._folder is None:
-            parent = config.cache_dir
-            if parent:
-                os.makedirs(parent, exist_ok=True)
-            self._folder = tempfile.mkdtemp(prefix="peft_safe_prefix_", dir=parent or None)
-            self._finalizer = weakref.finalize(self, shutil.rmtree, self._folder, True)
-        path = os.path.join(self._folder, key.hex() + ".pt")
-        torch.save(row, path)
-        self._disk[key] = path
-        self.disk_bytes += row.nbytes
+        self._full = True
+        held = f"{len(self._rows)} rows, {(self._rows.memory_bytes + self._rows.disk_bytes) / 2**20:.0f} MiB"
+        if self._hits_since_drop == 0:
+            self._stopped = (
+                f"no example came back before the cache filled ({held}): the inputs never repeat (on-the-fly "
+                "masking, random crops, streaming) or one epoch does not fit in cache_memory_bytes + "
+                "cache_disk_bytes; caching stopped, raise those to cache a larger epoch"
+            )
+            self._drop_rows()
+            self._warn_once(f"SAFE's prefix cache (cache_frozen=True) is not used: {self._stopped}.")
+        else:
+            self._warn_once(f"SAFE's prefix cache is full ({held}, cache_memory_bytes={config.cache_memory_bytes}, "
+                            f"cache_disk_bytes={config.cache_disk_bytes}): it serves the rows it holds and computes "
+                            "other examples in full; raise those to hold more.")
 
-    def _row(self, key: bytes) -> torch.Tensor:
-        row = self._memory.get(key)
-        return row if row is not None else torch.load(self._disk[key], weights_only=True)
+    def _load(self, keys: list[bytes]) -> list[torch.Tensor] | None:
+        """Every row of ``keys``, or None when one has gone from disk (it is dropped, and stored again)."""
+        rows = [self._rows.get(key) for key in keys]
+        if any(row is None for row in rows):
+            self._warn_once(f"SAFE's prefix cache lost row files under {self._rows.folder!r} (removed by another "
+                            "process?): those examples are computed in full and stored again.")
+            return None
+        return rows
 
     def _drop_rows(self) -> None:
-        if self._memory or self._disk:
+        if self._rows.clear():
             self.invalidations += 1
-        self._memory, self._disk = {}, {}
-        self.memory_bytes = self.disk_bytes = 0
-        if self._finalizer is not None:
-            self._finalizer()  # removes the folder
-        self._folder, self._finalizer = None, None
+        self._hits_since_drop = 0
+        self._full = False
