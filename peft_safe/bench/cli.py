@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-size", type=int, default=1000)
     p.add_argument("--probe-size", type=int, default=32, help="examples SAFE scores importance on")
     p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--eval-each-epoch", action="store_true",
+                   help="also evaluate after each pass over the training set (each run's metric_series; not in the "
+                        "step times); on with --regime paper for wikitext2")
     p.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64, help="tokens per example (wikitext2: per block)")
@@ -110,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 # same regimes at this machine's scale.
 PAPER_REGIME = {
     "encoder": {"train_size": 1000, "epochs": 30, "test_size": 2000, "lr_schedule": "linear"},
-    "decoder": {"train_size": 600, "max_length": 128, "epochs": 3, "lr_schedule": "linear"},
+    "decoder": {"train_size": 600, "max_length": 128, "epochs": 3, "lr_schedule": "linear", "eval_each_epoch": True},
 }
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..measure.meter import TrainingMeter
 from ..safe.config import SAFEConfig
+from ..safe.scoring import preserved_state
 from ..tuners.bitfit import BitFitConfig
 from ..tuners.bottleneck import HoulsbyConfig, PfeifferConfig
 from .baselines import Baseline
@@ -268,6 +269,7 @@ def run_one(task: Task, adapter: str, use_safe: bool, args: argparse.Namespace, 
     n_units = len(safe.adapter_units) if safe else 0
     trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     losses: list[float] = []
+    metric_series: list[tuple[int, float]] = []  # (step, metric) after each pass over the training set
     scoring_time, step = 0.0, 0
     model.train()
     with tqdm(total=total_steps, desc=f"seed {seed} {label}", disable=args.quiet, leave=False) as bar:
@@ -296,13 +298,17 @@ def run_one(task: Task, adapter: str, use_safe: bool, args: argparse.Namespace, 
                 bar.update(1)
                 if step >= total_steps:
                     break
+            else:  # a whole pass, not the last: evaluated between steps, outside the measured step times
+                if args.eval_each_epoch:
+                    metric_series.append((step, evaluate(model, task, args)))
     meter.close()
     metric = evaluate(model, task, args)
+    metric_series.append((step, metric))
     summary = meter.summary()
     result = {
         "adapter": adapter, "safe": use_safe, "seed": seed, "metric_name": task.metric_name, "metric": metric,
         "variant": baseline.label if baseline else None, "freeze_at": freeze_at,
-        "steps": step, "final_loss": losses[-1], "loss_series": losses,
+        "steps": step, "final_loss": losses[-1], "loss_series": losses, "metric_series": metric_series,
         "trainable_parameters": trainable_parameters,
         "total_flops": summary.total_flops, "train_time_s": summary.wall_time_s,
         "step_time_s": summary.mean_unmetered_step_s, "scoring_time_s": scoring_time,
@@ -321,7 +327,6 @@ def run_one(task: Task, adapter: str, use_safe: bool, args: argparse.Namespace, 
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
 def evaluate(model: nn.Module, task: Task, args: argparse.Namespace) -> float:
     """Accuracy on the test split (classification) or its :func:`perplexity` (causal LM).
 
@@ -329,17 +334,19 @@ def evaluate(model: nn.Module, task: Task, args: argparse.Namespace) -> float:
         model: the trained model; it is back in training mode on return.
         task: the task whose test split is scored.
         args: the parsed bench flags (``batch_size``: batches of twice that; ``device``).
+
+    Between training steps too: modes and RNG states are given back, and bitsandbytes' 4-bit layers are kept from
+    repacking their weights for the CPU (which would cut the gradient through them afterwards), as in SAFE's scoring.
     """
     batches = iter_batches(task.test, 2 * args.batch_size, device=args.device)
-    if task.kind != "classification":
-        return perplexity(model, batches)
-    model.eval()
-    correct, count = 0, 0
-    for batch in batches:
-        labels = batch.pop("labels")
-        correct += int((model(**batch).logits.argmax(-1) == labels).sum())
-        count += len(batch["input_ids"])
-    model.train()
+    with preserved_state(model):
+        if task.kind != "classification":
+            return perplexity(model, batches)
+        correct, count = 0, 0
+        for batch in batches:
+            labels = batch.pop("labels")
+            correct += int((model(**batch).logits.argmax(-1) == labels).sum())
+            count += len(batch["input_ids"])
     return correct / count
 
 
@@ -352,7 +359,7 @@ def perplexity(model: nn.Module, blocks_or_batches: torch.Tensor | Iterable[Mapp
 
     Args:
         model: a causal LM whose forward takes ``labels`` and returns ``.loss``; it is put in eval mode and
-            given back in the mode it was in.
+            given back in the modes it was in (and its 4-bit layers unrepacked: it may run between training steps).
         blocks_or_batches: a tensor ``(n_blocks, seq_len)`` of token blocks, each its own labels; or batches,
             mappings of the model's inputs with ``labels``, already on the model's device.
         batch_size: blocks per forward, with a tensor of blocks; None with batches (they come batched).
@@ -376,21 +383,16 @@ def perplexity(model: nn.Module, blocks_or_batches: torch.Tensor | Iterable[Mapp
                          "leave batch_size out.")
     else:
         batches = blocks_or_batches
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                if "labels" not in batch:
-                    raise ValueError(f"a batch for perplexity has no 'labels' (keys: {sorted(batch)}); "
-                                     "add labels (the input ids, -100 where no token is to be predicted).")
-                n = int((batch["labels"][..., 1:] != -100).sum())  # tokens predicted
-                if n:
-                    loss = model(**batch).loss
-                    total, count = total + loss.item() * n, count + n
-    finally:
-        model.train(was_training)
+    with preserved_state(model):  # eval mode, no grad, no 4-bit repacking; the modes given back
+        for batch in batches:
+            if "labels" not in batch:
+                raise ValueError(f"a batch for perplexity has no 'labels' (keys: {sorted(batch)}); "
+                                 "add labels (the input ids, -100 where no token is to be predicted).")
+            n = int((batch["labels"][..., 1:] != -100).sum())  # tokens predicted
+            if n:
+                loss = model(**batch).loss
+                total, count = total + loss.item() * n, count + n
     if count == 0:
         raise ValueError("perplexity found no token to predict: pass blocks of at least 2 tokens, or labels "
                          "that are not all -100.")

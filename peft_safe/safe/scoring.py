@@ -122,7 +122,7 @@ def _no_cache(model: nn.Module, batch: Any) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _preserved_state(model: nn.Module) -> Iterator[None]:
+def preserved_state(model: nn.Module) -> Iterator[None]:
     """Eval mode and no grad inside; modes, adapter switches and RNG states restored afterwards.
 
     bitsandbytes' 4-bit layers are kept from repacking their weights for the CPU inside: on a CPU with
@@ -310,7 +310,7 @@ def _probe_pass(model: nn.Module, units: list[AdapterUnit], accumulators: dict, 
             raise _GroupDone
 
     n_batches = 0
-    with _preserved_state(model):
+    with preserved_state(model):
         if per_layer:
             handles = []
             for u in group:

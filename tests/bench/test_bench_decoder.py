@@ -92,3 +92,23 @@ def test_a_4bit_safe_run_with_checkpointing_freezes_a_bottom_prefix_and_reports_
     assert [u in frozen for u in units] == sorted((u in frozen for u in units), reverse=True)  # a bottom prefix
     assert result["cut_block"] == units[len(frozen)]
     assert result["memory_series"][-1]["flops"] > 0
+
+
+def test_evaluating_after_each_epoch_reports_the_series_and_leaves_training_untouched(llama_folder):
+    # issue 24: the paper regime's decoder reports validation perplexity after each epoch. The evaluation runs
+    # between steps: it must give back train mode (LoRA's dropout) and dropout's RNG, so the run trains exactly as
+    # without it. It runs under scoring's preserved_state, which also keeps bitsandbytes from repacking the 4-bit
+    # weights on an AVX512-BF16 CPU (checked where one runs, by tests/safe/test_scoring_4bit_cpu.py).
+    parser = build_parser()
+    runs = {}
+    for extra in ((), ("--eval-each-epoch",)):
+        args = parser.parse_args(["--task", "wikitext2", "--model", llama_folder, "--epochs", "2", "--batch-size", "2",
+                                  "--score-every", "2", "--quiet", "--device", "cpu", "--measure-every", "2", *extra])
+        _check_args(parser, args)
+        runs[bool(extra)], _ = run_one(_task(llama_folder), "lora", True, args, seed=0)
+    series = runs[True]["metric_series"]
+    assert [step for step, _ in series] == [4, 8] and series[-1][1] == runs[True]["metric"]
+    assert series[0][1] != series[1][1] and all(torch.isfinite(torch.tensor(m)) for _, m in series)
+    assert runs[False]["metric_series"] == [(8, runs[False]["metric"])]
+    assert runs[True]["loss_series"] == runs[False]["loss_series"]
+    assert runs[True]["metric"] == runs[False]["metric"]
