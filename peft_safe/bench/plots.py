@@ -1,5 +1,6 @@
 """PNG plots of measured runs (the result dicts ``peft-safe bench`` writes): importance of each unit over
-training, the freeze timeline (units x steps, as Figure 5 of the SAFE paper) and training memory over steps.
+training, the freeze timeline (units x steps, as Figure 5 of the SAFE paper), training memory over steps, and
+the frontier of several runs' methods (:mod:`.frontier`).
 
 Drawn with matplotlib's object API on a plain :class:`~matplotlib.figure.Figure` (Agg canvas), so no pyplot
 state or GUI backend is touched. matplotlib is an optional dependency (``pip install peft-safe[bench]``),
@@ -14,7 +15,7 @@ from typing import Any
 from ..measure.memory import MIB
 from .report import short_unit
 
-__all__ = ["plot_freeze_timeline", "plot_importance", "plot_memory"]
+__all__ = ["plot_freeze_timeline", "plot_frontier", "plot_importance", "plot_memory"]
 
 
 def _figure(width: float = 7.0, height: float = 4.0) -> Any:
@@ -109,4 +110,35 @@ def plot_memory(baseline: dict[str, Any], safe: dict[str, Any], path: str) -> No
     ax.set_ylim(bottom=0)
     ax.set_title(f"training memory per step, seed {safe['seed']}")
     ax.legend(fontsize="small")
+    fig.savefig(path)
+
+
+def _family(method: str) -> str:
+    return method.split(":", 1)[0].split(" ", 1)[0] if ":" in method or method.startswith("SAFE") else "plain"
+
+
+def plot_frontier(entries: list[dict[str, Any]], metric_name: str, path: str, title: str = "") -> None:
+    """Two panels, the metric against average training memory and against FLOPs (both relative to the plain
+    adapter); error bars are the spread over seeds; the fixed prefixes are joined by a line."""
+    fig = _figure(11.0, 4.5)
+    colours = {"plain": "black", "SAFE": "tab:red", "prefix": "tab:blue", "top": "tab:green"}
+    scale = 100 if metric_name == "accuracy" else 1
+    for axis, key, label in zip(fig.subplots(1, 2), ("memory_ratio", "flops_ratio"),
+                                ("average training memory / plain", "FLOPs / plain")):
+        for e in entries:
+            family = _family(e["method"])
+            axis.errorbar(e[key]["mean"], e["metric"]["mean"] * scale, xerr=e[key]["std"],
+                          yerr=e["metric"]["std"] * scale, fmt="o", color=colours.get(family, "tab:gray"), capsize=3)
+            axis.annotate(e["method"], (e[key]["mean"], e["metric"]["mean"] * scale), fontsize=7,
+                          textcoords="offset points", xytext=(4, 4))
+        prefix = sorted((e for e in entries if _family(e["method"]) == "prefix"), key=lambda e: e[key]["mean"])
+        if len(prefix) > 1:
+            axis.plot([e[key]["mean"] for e in prefix], [e["metric"]["mean"] * scale for e in prefix],
+                      color=colours["prefix"], linestyle="--", linewidth=1, label="fixed prefix")
+            axis.legend(fontsize=8)
+        axis.set_xlabel(label)
+        axis.set_ylabel(f"{metric_name}{' (%)' if scale == 100 else ''}")
+        axis.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
     fig.savefig(path)
