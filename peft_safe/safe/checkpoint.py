@@ -162,11 +162,21 @@ def _config_fingerprint(config: SAFEConfig) -> dict[str, Any]:
             k: sorted(set(v)) if isinstance(v, list) and all(isinstance(i, str) for i in v) else v
             for k, v in data.items()
             if k not in _VOLATILE_CONFIG_FIELDS
-        } | {k: "keeps the base" for k in _INIT_FIELDS if data.get(k, ()) in _BASE_KEEPING_INITS}
+        }
 
     data = config.to_dict()
     data = {**strip(data), "adapter_config": strip(data["adapter_config"])}
     return json.loads(json.dumps(data, sort_keys=True, default=str))  # the form it has after a JSON round trip
+
+
+def _comparable(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """A fingerprint (as written, by any version) as compared: the volatile fields out, base-keeping inits as one."""
+    def normalise(data: dict[str, Any]) -> dict[str, Any]:
+        kept = {k: v for k, v in data.items() if k not in _VOLATILE_CONFIG_FIELDS}
+        return kept | {k: "keeps the base" for k in _INIT_FIELDS if kept.get(k, ()) in _BASE_KEEPING_INITS}
+
+    inner = fingerprint.get("adapter_config")
+    return {**normalise(fingerprint), **({"adapter_config": normalise(inner)} if isinstance(inner, dict) else {})}
 
 
 def _tensor_digest(tensor: torch.Tensor) -> str:
@@ -186,7 +196,7 @@ def _check_integrity(integrity: Any, config: SAFEConfig, state_dict: dict[str, t
         # and before a field was added, under none: the value the code that wrote it behaved as
         saved = {**LEGACY_VALUES, **saved}
     if saved is not None:
-        diffs = _config_differences(saved, _config_fingerprint(config))
+        diffs = _config_differences(_comparable(saved), _comparable(_config_fingerprint(config)))
         if diffs:
             raise ValueError(
                 "this SAFE weights file was saved with another config than the one loading it ("
