@@ -7,7 +7,6 @@ members; nothing that runs a model.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -21,9 +20,15 @@ from ..core.cka import SCORING_SITES
 from ..core.policy import SchedulePolicy, as_number
 from ..core.schedule import DEFAULT_WARMUP_TOLERANCE, FREEZE_ORDERS, SCORE_SCALES, WARMUP_RULES
 from .cache_options import DEFAULT_CACHE_DISK_BYTES, DEFAULT_CACHE_MEMORY_BYTES, check_cache_options
-from .config_fields import check_change_after_build, renamed_reader, warn_renamed, with_adapter_fields, wrapped_name
+from .config_fields import (
+    check_change_after_build,
+    install_forwarding_init,
+    renamed_reader,
+    warn_renamed,
+    wrapped_name,
+)
 from .model_card import add_safe_section
-from .weights_file import RECORD_KEY, check_weights_file, keep_record, save_config_atomically, weights_record
+from .weights_file import check_weights_file, save_config_atomically, weights_record
 
 SCHEDULE_UNITS = ("epoch", "step")
 
@@ -410,40 +415,5 @@ for _old in RENAMED_FIELDS:
 del _old
 
 
-# ---------------------------------------------------------------------------------------------- keyword arguments
-_dataclass_init = SAFEConfig.__init__
-_INIT_FIELDS = [f.name for f in dataclasses.fields(SAFEConfig) if f.init]
-
-
-def _forwarding_init(self: SAFEConfig, *args: Any, **kwargs: Any) -> None:
-    if len(args) > len(_INIT_FIELDS):
-        raise TypeError(f"SAFEConfig takes at most {len(_INIT_FIELDS)} positional arguments, got {len(args)}.")
-    own = dict(zip(_INIT_FIELDS, args))
-    given = {}
-    for name, value in kwargs.items():
-        if name in own:
-            raise TypeError(f"SAFEConfig.__init__() got multiple values for argument {name!r}")
-        (own if name in _INIT_FIELDS else given)[name] = value
-    for old, new in RENAMED_FIELDS.items():
-        value = given.pop(old, None)
-        if value is None:
-            continue
-        warn_renamed(old, new, stacklevel=3)  # the user's SAFEConfig(...)
-        current = own.get(new, SAFEConfig.__dataclass_fields__[new].default)
-        if current != SAFEConfig.__dataclass_fields__[new].default and current != value:
-            raise ValueError(f"SAFEConfig got {old}={value!r} and {new}={current!r}; pass only {new}.")
-        own[new] = value
-    keep_record(self, given.pop(RECORD_KEY, None))  # written by save_pretrained beside the fields: not a field
-    own["adapter_config"] = with_adapter_fields(own.get("adapter_config"), given, _SAFE_FIELDS)
-    _dataclass_init(self, **own)
-
-
-_forwarding_init.__signature__ = inspect.signature(_dataclass_init).replace(  # what peft's loader inspects
-    parameters=[
-        *inspect.signature(_dataclass_init).parameters.values(),
-        *(inspect.Parameter(old, inspect.Parameter.KEYWORD_ONLY, default=None) for old in RENAMED_FIELDS),
-        inspect.Parameter("adapter_fields", inspect.Parameter.VAR_KEYWORD),
-    ]
-)
-_forwarding_init.__doc__ = _dataclass_init.__doc__
-SAFEConfig.__init__ = _forwarding_init
+# Keyword arguments: the deprecated names and the wrapped config's fields too (config_fields.forwarding_init).
+install_forwarding_init(SAFEConfig, RENAMED_FIELDS, _SAFE_FIELDS)

@@ -6,15 +6,18 @@ those names and forwards them to a copy of the config it wraps, so the wrapped c
 original is never changed.
 
 Also the deprecated names of SAFE's own fields (``final_freeze_epoch`` for ``final_freeze_time``...): their
-warning and the property that reads through to the new field.
+warning and the property that reads through to the new field; and :func:`install_forwarding_init`, the
+``__init__`` that takes all of these as keyword arguments.
 
-Imports: peft's ``PeftConfig`` and its config mapping, and the peft type members; nothing of the SAFE config.
+Imports: peft's ``PeftConfig`` and its config mapping, the peft type members and ``safe.weights_file`` (the
+record save_pretrained writes beside the fields); nothing of the SAFE config.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -23,9 +26,10 @@ from peft.config import PeftConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
 from .._peft_types import peft_type_name
+from .weights_file import RECORD_KEY, keep_record
 
-__all__ = ["GENERIC_NAMES", "check_change_after_build", "mark_built_into_model", "renamed_reader", "warn_renamed",
-           "with_adapter_fields", "wrapped_name"]
+__all__ = ["GENERIC_NAMES", "check_change_after_build", "install_forwarding_init", "mark_built_into_model",
+           "renamed_reader", "warn_renamed", "with_adapter_fields", "wrapped_name"]
 
 # Generic names peft's own code uses on any config -> the name of the LoRA family's field.
 GENERIC_NAMES = {"init_weights": "init_lora_weights"}
@@ -142,3 +146,46 @@ def check_change_after_build(config: Any, name: str, old: Any, value: Any) -> No
             f"built (it was built with memory_budget={old!r}), so it cannot be switched {switch} now; a budget may "
             f"change to another one. Build a new model with memory_budget={value!r}."
         )
+
+
+def install_forwarding_init(cls: type, renamed: dict[str, str], safe_fields: frozenset[str]) -> None:
+    """Replace the dataclass ``__init__`` of ``cls`` (SAFEConfig) by one that also takes the deprecated names in
+    ``renamed`` (with a FutureWarning) and the wrapped config's fields (``r=``, ``target_modules=``...), and shows
+    them in its signature, which peft's loader inspects."""
+    dataclass_init = cls.__init__
+    init_fields = [f.name for f in dataclasses.fields(cls) if f.init]
+    name = cls.__name__
+
+    def forwarding_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        if len(args) > len(init_fields):
+            raise TypeError(f"{name} takes at most {len(init_fields)} positional arguments, got {len(args)}.")
+        own = dict(zip(init_fields, args))
+        given = {}
+        for key, value in kwargs.items():
+            if key in own:
+                raise TypeError(f"{name}.__init__() got multiple values for argument {key!r}")
+            (own if key in init_fields else given)[key] = value
+        for old, new in renamed.items():
+            value = given.pop(old, None)
+            if value is None:
+                continue
+            warn_renamed(old, new, stacklevel=3)  # the user's SAFEConfig(...)
+            default = cls.__dataclass_fields__[new].default
+            current = own.get(new, default)
+            if current != default and current != value:
+                raise ValueError(f"{name} got {old}={value!r} and {new}={current!r}; pass only {new}.")
+            own[new] = value
+        keep_record(self, given.pop(RECORD_KEY, None))  # written by save_pretrained beside the fields: not a field
+        own["adapter_config"] = with_adapter_fields(own.get("adapter_config"), given, safe_fields)
+        dataclass_init(self, **own)
+
+    forwarding_init.__signature__ = inspect.signature(dataclass_init).replace(
+        parameters=[
+            *inspect.signature(dataclass_init).parameters.values(),
+            *(inspect.Parameter(old, inspect.Parameter.KEYWORD_ONLY, default=None) for old in renamed),
+            inspect.Parameter("adapter_fields", inspect.Parameter.VAR_KEYWORD),
+        ]
+    )
+    forwarding_init.__doc__ = dataclass_init.__doc__
+    forwarding_init.__qualname__ = f"{name}.__init__"
+    cls.__init__ = forwarding_init
