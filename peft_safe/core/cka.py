@@ -12,7 +12,8 @@ import math
 
 import torch
 
-__all__ = ["SCORING_SITES", "CKAAccumulator", "importance_from_cka", "linear_cka"]
+__all__ = ["CKA_PRECISIONS", "SCORING_SITES", "CKAAccumulator", "importance_by_difference", "importance_from_cka",
+           "linear_cka"]
 
 #: Where SAFE measures 1 - CKA (see peft_safe.safe.scoring): a block's output, its residual update, or each
 #: adapted layer's output, each with vs without the adapters.
@@ -128,6 +129,71 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
         value = _cka_feature(xc, yc)
     else:
         value = _cka_gram(xc, yc)
+    return min(1.0, max(0.0, value))
+
+
+#: ``CKAAccumulator.importance``'s ways of computing 1 - CKA: the float64 reference, or the difference form in float32.
+CKA_PRECISIONS = ("float64", "float32")
+
+
+def importance_by_difference(x: torch.Tensor, y: torch.Tensor) -> float:
+    """1 - linear CKA(x, y) from ``y`` and the change ``d = x - y``, the products in float32.
+
+    With A = YᵀY, B = YᵀD, C = DᵀD on centred Y and D (the n x n Gram form when tokens do not outnumber features),
+    CKA = (1 + 2p + r) / sqrt(1 + 4p + 2q + s) with p = <A,B>/|A|², q = <A,C>/|A|², r = |B|²/|A|² and
+    s = |B + Bᵀ + C|²/|A|², and 1 - CKA = (2q + s - 2r - (2p + r)²) / ((sqrt(1+u) + 1 + v) sqrt(1+u)), u = 4p + 2q
+    + s, v = 2p + r: the first-order terms cancel in closed form, so float32 products lose precision relative to
+    the change's own size, not to 1. A change larger than half of y (1 - CKA far from 0) goes to the float64 form,
+    which then loses nothing. The float64 form subtracts a CKA near 1 from 1 and cannot resolve importances
+    below about 1e-10 (:data:`ROUNDING_TOLERANCE`); this one agrees with it above that (tests/core/test_cka.py
+    states the tolerance) and goes on below it. The matrix products, the cost, run at float32 speed: half of
+    float64's on a CPU, 1/64 on consumer GPUs.
+
+    Args:
+        x: activations with the adapters, [n, d]; y: without them, [n, d] (same shape).
+
+    Returns:
+        1 - CKA in [0, 1]: 0 when nothing changed (or fewer than 2 rows), 1 when exactly one of x, y is constant.
+
+    Raises:
+        ValueError: for shapes that differ or non-finite values.
+    """
+    _check_pair(x, y)
+    if x.shape != y.shape:
+        raise ValueError(f"importance_by_difference needs x and y of one shape, got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}; use linear_cka for different widths.")
+    if x.shape[0] < 2:
+        return 0.0
+    work = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32  # bf16 / fp16 widened
+    xw, yw = x.detach().to(work), y.detach().to(x.device, work)
+    if not (torch.isfinite(xw).all() and torch.isfinite(yw).all()):
+        raise ValueError("importance_by_difference got non-finite values (inf or NaN) in its input")
+    # the change taken before any rounding of its own; both scaled to max-abs 1 (CKA does not see a common scale)
+    # before float32, so 1e-30 or 1e30 activations neither underflow nor overflow
+    scale = torch.maximum(xw.abs().max(), yw.abs().max())
+    if scale == 0:
+        return 0.0
+    d = ((xw - yw) / scale).to(torch.float32)
+    y32 = (yw / scale).to(torch.float32)
+    y32 = y32 - y32.mean(dim=0, keepdim=True)
+    d = d - d.mean(dim=0, keepdim=True)
+    change, still = float(d.double().square().sum()), float(y32.double().square().sum())
+    if still == 0:  # y constant: CKA 0 unless x is too
+        return 0.0 if change == 0 else 1.0
+    if change > 0.25 * still:  # a change as large as half of y: far from CKA 1, the float64 form loses nothing
+        return importance_from_cka(linear_cka(x, y))
+    if x.shape[0] > x.shape[1]:  # d x d: A, B, C themselves
+        a, b, c = ((m.T @ n).double() for m, n in ((y32, y32), (y32, d), (d, d)))
+        a2, ab, ac, bb = (a * a).sum(), (a * b).sum(), (a * c).sum(), (b * b).sum()
+        ss = ((b + b.T + c) ** 2).sum()
+    else:  # n x n: K = YYᵀ, M = YDᵀ, L = DDᵀ give the same inner products
+        k, m, l = ((p @ q.T).double() for p, q in ((y32, y32), (y32, d), (d, d)))  # noqa: E741
+        a2, ab, ac, bb = (k * k).sum(), (k * m).sum(), (m * m).sum(), (k * l).sum()
+        ss = 2 * bb + 2 * (m * m.T).sum() + 4 * (m * l).sum() + (l * l).sum()
+    p, q, r, s = ab / a2, ac / a2, bb / a2, ss / a2
+    u, v = 4 * p + 2 * q + s, 2 * p + r  # |D| <= |Y| / 2 keeps 1 + u = |XᵀX|² / |YᵀY|² above 1/16
+    root = torch.sqrt(1 + u)
+    value = float((2 * q + s - 2 * r - v * v) / ((root + 1 + v) * root))
     return min(1.0, max(0.0, value))
 
 
@@ -275,3 +341,16 @@ class CKAAccumulator:
         if self._x is None:
             raise ValueError("no tokens accumulated yet: call update() with at least one unmasked row first")
         return linear_cka(self._x, self._y)
+
+    def importance(self, precision: str = "float64") -> float:
+        """1 - CKA over the kept rows: ``"float64"`` (:func:`importance_from_cka` of :meth:`value`, the reference) or
+        ``"float32"`` (:func:`importance_by_difference`; the reference where x and y differ in width).
+
+        Raises:
+            ValueError: If no real token row has been added yet, or for an unknown precision.
+        """
+        if precision not in CKA_PRECISIONS:
+            raise ValueError(f"unknown CKA precision {precision!r}; choose one of {CKA_PRECISIONS}.")
+        if precision == "float32" and self._x is not None and self._x.shape == self._y.shape:
+            return importance_by_difference(self._x, self._y)
+        return importance_from_cka(self.value())

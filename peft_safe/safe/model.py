@@ -270,7 +270,8 @@ class SAFEModel(FrozenUnitsMixin, BaseTuner):
             names = set(resolve_units([unit.name for unit in chosen], units))
             chosen = [unit for unit in chosen if unit.name in names]
         return compute_importance(
-            self.model, chosen, probe_batches, config.probe_tokens, config.seed, site=config.scoring_site_value
+            self.model, chosen, probe_batches, config.probe_tokens, config.seed, site=config.scoring_site_value,
+            precision=config.cka_precision,
         )
 
     def update_and_freeze(

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..batch import call_model, real_tokens, to_device
-from ..core.cka import SCORING_SITES, CKAAccumulator, importance_from_cka
+from ..core.cka import SCORING_SITES, CKAAccumulator
 from .units import AdapterUnit
 
 _MODEL_INPUT_NAMES = ("input_ids", "inputs_embeds", "pixel_values", "input_features", "input_values")
@@ -199,6 +199,7 @@ def compute_importance(
     seed: int = 0,
     site: str = "block_output",
     memory_bytes: int | None = SCORING_MEMORY_BYTES,
+    precision: str = "float64",
 ) -> dict[str, float]:
     """Raw importance (1 - linear CKA) of each unit over the probe batches, at ``site``.
 
@@ -216,6 +217,7 @@ def compute_importance(
         seed: seed of the subsampling (the global RNG is not touched).
         site: one of :data:`SCORING_SITES` (see the module docstring).
         memory_bytes: most bytes of kept rows at once (estimated from the layers' widths); None for no bound.
+        precision: how 1 - CKA is computed (:meth:`~peft_safe.core.cka.CKAAccumulator.importance`).
 
     Returns:
         unit name -> importance in [0, 1].
@@ -245,8 +247,8 @@ def compute_importance(
     for group in groups:
         accumulators = {key: CKAAccumulator(max_tokens=max_tokens, seed=seeds[key]) for key in group}
         _probe_pass(model, units, accumulators, batches, site, device, stop_early=len(groups) > 1)
-        for (name, _), value in [(key, acc.value()) for key, acc in accumulators.items()]:
-            per_unit.setdefault(name, []).append(importance_from_cka(value))
+        for (name, _), value in [(key, acc.importance(precision)) for key, acc in accumulators.items()]:
+            per_unit.setdefault(name, []).append(value)
         accumulators.clear()  # this group's rows go before the next group's come
     return {name: sum(values) / len(values) for name, values in per_unit.items()}
 
