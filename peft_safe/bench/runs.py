@@ -97,7 +97,8 @@ def safe_config(adapter: Any, args: argparse.Namespace, total_steps: int, task_t
     if cap >= final:  # t_f before the default cap, or t_f rounded to whole steps (at least 2) in a very short run
         cap = final / 2
     # SAFEConfig's defaults unless a flag names another choice
-    choices = {name: getattr(args, name, None) for name in ("scoring_site", "freeze_order", "importance_scale")}
+    choices = {name: getattr(args, name, None)
+               for name in ("scoring_site", "freeze_order", "importance_scale", "cka_precision")}
     choices["memory_budget"] = getattr(args, "memory_budget_bytes", None)
     try:
         return SAFEConfig(adapter_config=adapter, tau=args.tau, schedule_unit="step", final_freeze_time=final,

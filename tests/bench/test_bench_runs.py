@@ -30,6 +30,12 @@ def test_warmup_cap_falls_back_to_half_of_t_f_when_rounding_puts_it_past_t_f():
     assert (short.final_freeze_time, short.warmup_cap) == (2, 1.0)
 
 
+@pytest.mark.parametrize("flags, expected", [([], "float64"), (["--cka-precision", "float32"], "float32")])
+def test_the_cka_precision_flag_reaches_safe(flags, expected):
+    args = build_parser().parse_args(flags)
+    assert safe_config(adapter_config("lora", args, 1000, "SEQ_CLS"), args, 1000, "SEQ_CLS").cka_precision == expected
+
+
 def _token_perplexity(model, ids: torch.Tensor, labels: torch.Tensor) -> float:
     """exp(NLL summed over every predicted token / their count), from the logits of one forward."""
     with torch.no_grad():
