@@ -5,8 +5,9 @@ so ``get_peft_model``, ``PeftModel.from_pretrained`` and ``AutoPeftModel*`` work
 import does: the Trainer callbacks and the measurement code (which pull in transformers' Trainer and register
 FLOP formulas with torch) are imported only when their names are first used.
 
-Layers (docs/architecture.md): ``core`` (the pure algorithm) < ``safe`` (the method as a peft tuner) and
-``tuners`` (the adapters it wraps) < ``callbacks``, ``measure`` < the applications ``bench`` and ``plan``.
+Layers (docs/architecture.md): ``core`` (the pure algorithm) < ``measure`` (memory, FLOPs, time) < ``safe`` (the
+method as a peft tuner) and ``tuners`` (the adapters it wraps) < ``callbacks`` < the applications ``bench`` and
+``plan``.
 """
 
 from __future__ import annotations

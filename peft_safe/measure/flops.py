@@ -2,7 +2,7 @@
 
 torch has no formula for the CPU flash-attention kernels (``aten._scaled_dot_product_flash_attention_for_cpu``
 and its backward), which ``F.scaled_dot_product_attention`` dispatches to on CPU, so attention FLOPs would
-silently count as zero there. Importing this module registers formulas for them, built from torch's own
+silently count as zero there. :func:`flop_counter` registers formulas for them, built from torch's own
 ``sdpa_flop_count`` and ``sdpa_backward_flop_count`` (the helpers behind the CUDA flash and efficient
 kernels' formulas).
 
