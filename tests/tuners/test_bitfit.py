@@ -4,71 +4,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
-from safetensors.torch import load_file
+from peft import get_peft_model
 from torch import nn
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
-    BertModel,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
 )
+from tuner_tester import ARCHS, LAYERS, VOCAB, input_ids, load_4bit_llama, loss_of, make_model, run, train_steps
+from tuner_tester import wrapped as wrapped_by
 
 import peft_safe  # noqa: F401  (registers the BITFIT peft type)
 from peft_safe import BitFitConfig, BitFitModel
 from peft_safe.tuners.bitfit.layer import BitFitLayer
 
-VOCAB = 100
-LAYERS = 2
-
-
-# ---------------------------------------------------------------------------------------------- tiny models
-def make_model(arch: str, seed: int = 0) -> nn.Module:
-    """A tiny model in eval mode (no dropout); the same seed gives the same weights."""
-    torch.manual_seed(seed)
-    if arch == "bert":
-        config = BertConfig(
-            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2, intermediate_size=64
-        )
-        model = BertModel(config)
-    elif arch == "gpt2":
-        model = GPT2LMHeadModel(
-            GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=LAYERS, n_head=2, bos_token_id=0, eos_token_id=0)
-        )
-    elif arch == "llama":
-        config = LlamaConfig(
-            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=64,
-        )
-        model = LlamaForCausalLM(config)
-    else:
-        raise ValueError(arch)
-    return model.eval()
-
-
-def input_ids(seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(seed))
-
-
-def run(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=ids)
-    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
-
-
-def loss_of(out: torch.Tensor) -> torch.Tensor:
-    target = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
-    return (out.float() * target).sum()
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
 
 def wrapped(peft_model: nn.Module) -> set[str]:
-    return {
-        name.removeprefix("base_model.model.")
-        for name, module in peft_model.named_modules()
-        if isinstance(module, BitFitLayer)
-    }
+    return wrapped_by(peft_model, BitFitLayer)
 
 
 def deltas(peft_model: nn.Module) -> dict[str, torch.Tensor]:
@@ -78,27 +31,6 @@ def deltas(peft_model: nn.Module) -> dict[str, torch.Tensor]:
         for n, p in peft_model.named_parameters()
         if n.endswith(".bitfit_bias.default")
     }
-
-
-def train_steps(peft_model: nn.Module, ids: torch.Tensor, steps: int = 2) -> None:
-    optimizer = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss_of(run(peft_model, ids)).backward()
-        optimizer.step()
-
-
-ARCHS = ["bert", "gpt2", "llama"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Tiny matrices gain nothing from intra-op threads, and on a busy machine their synchronisation makes each
-    # matmul cost milliseconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------- targets
@@ -180,18 +112,6 @@ def test_classifier_head_is_trained_whole_not_wrapped():
 
 
 # ---------------------------------------------------------------------------------------------- training
-@pytest.mark.parametrize("arch", ARCHS)
-def test_identity_at_init(arch):
-    ids = input_ids()
-    model = make_model(arch)
-    reference = run(model, ids)
-    peft_model = get_peft_model(model, BitFitConfig())
-    assert torch.equal(run(peft_model, ids), reference)
-
-    perturbed = get_peft_model(make_model(arch), BitFitConfig(init_weights=False))
-    assert not torch.allclose(run(perturbed, ids), reference, rtol=0, atol=1e-7)
-
-
 def test_delta_gradient_equals_bias_gradient():
     ids = input_ids()
     plain = make_model("bert")
@@ -228,50 +148,6 @@ def test_adam_on_deltas_matches_adam_on_biases():
     merged = dict(peft_model.merge_and_unload().named_modules())
     for name in targets:
         torch.testing.assert_close(merged[name].bias, layers[name].bias, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_optimizer_steps_change_deltas_and_leave_base_bit_identical(arch):
-    ids = input_ids()
-    model = make_model(arch)
-    reference = run(model, ids)
-    base_before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    peft_model = get_peft_model(model, BitFitConfig())
-    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
-    assert trainable == {n for n in dict(peft_model.named_parameters()) if n.endswith(".bitfit_bias.default")}
-
-    train_steps(peft_model, ids)
-
-    base_after = {
-        n.removeprefix("base_model.model.").replace(".base_layer.", "."): p
-        for n, p in peft_model.named_parameters()
-        if n not in trainable
-    }
-    assert base_after.keys() == base_before.keys()
-    assert all(torch.equal(base_after[n], base_before[n]) for n in base_before)
-    # every delta that can affect the output moved (BERT's pooler does not feed last_hidden_state, and a key
-    # bias shifts all attention logits of a query equally, so its gradient is zero up to rounding)
-    no_effect = {n for n in DEFAULT_TARGETS[arch] if n == "pooler.dense" or n.endswith(".key")}
-    assert all(delta.abs().sum() > 0 for name, delta in deltas(peft_model).items() if name not in no_effect)
-    assert not torch.allclose(run(peft_model, ids), reference)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_disable_adapter_and_unload_give_base_output_after_training(arch):
-    ids = input_ids()
-    model = make_model(arch)
-    reference = run(model, ids)
-    peft_model = get_peft_model(model, BitFitConfig())
-    train_steps(peft_model, ids)
-    adapted = run(peft_model, ids)
-
-    with peft_model.disable_adapter():
-        assert torch.equal(run(peft_model, ids), reference)
-    assert torch.equal(run(peft_model, ids), adapted)
-
-    base = peft_model.unload()
-    assert not any(isinstance(m, BitFitLayer) for m in base.modules())
-    assert torch.equal(run(base, ids), reference)
 
 
 # ---------------------------------------------------------------------------------------------- merging
@@ -320,27 +196,6 @@ def test_merge_then_unmerge_restores_base_biases_exactly(arch):
         assert torch.equal(run(peft_model, ids), reference)
 
 
-# ---------------------------------------------------------------------------------------------- save / load
-@pytest.mark.parametrize("arch", ARCHS)
-def test_save_and_load_round_trip_saves_only_deltas(arch, tmp_path):
-    ids = input_ids()
-    peft_model = get_peft_model(make_model(arch), BitFitConfig())
-    train_steps(peft_model, ids)
-    expected = run(peft_model, ids)
-    peft_model.save_pretrained(tmp_path)
-
-    saved = load_file(tmp_path / "adapter_model.safetensors")
-    assert set(saved) == {f"base_model.model.{name}.bitfit_bias" for name in DEFAULT_TARGETS[arch]}
-
-    loaded = PeftModel.from_pretrained(make_model(arch), tmp_path)
-    assert type(loaded.peft_config["default"]) is BitFitConfig
-    assert wrapped(loaded) == DEFAULT_TARGETS[arch]
-    assert torch.equal(run(loaded, ids), expected)
-
-    renamed = PeftModel.from_pretrained(make_model(arch), tmp_path, adapter_name="renamed")
-    assert torch.equal(run(renamed, ids), expected)
-
-
 # ---------------------------------------------------------------------------------------------- config
 @pytest.mark.parametrize(
     ("kwargs", "message"),
@@ -369,6 +224,7 @@ def test_unsupported_layers_are_refused():
 
 
 # ---------------------------------------------------------------------------------------------- 4-bit base
+# (training on it, as every tuner does: test_tuners_common.py)
 @pytest.fixture(scope="module")
 def llama_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
@@ -376,45 +232,13 @@ def llama_checkpoint(tmp_path_factory):
     return path
 
 
-def test_4bit_llama(llama_checkpoint):
-    bnb = pytest.importorskip("bitsandbytes")
-    from transformers import BitsAndBytesConfig
-
+def test_4bit_llama_merges_the_trained_deltas_into_new_biases(llama_checkpoint):
     ids = input_ids()
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-    )
-    try:
-        model = LlamaForCausalLM.from_pretrained(
-            llama_checkpoint, quantization_config=quantization, dtype=torch.float32
-        )
-        run(model, ids)
-    except Exception as exc:  # pragma: no cover - depends on the bitsandbytes build
-        pytest.skip(f"bitsandbytes 4-bit does not run on this machine: {exc}")
-    # train mode: bitsandbytes repacks 4-bit weights for CPU inference in eval mode (no dropout in this model)
-    model.train()
-    with torch.no_grad():
-        reference = run(model, ids)
+    model, bnb = load_4bit_llama(llama_checkpoint)
     peft_model = get_peft_model(model, BitFitConfig())
-
-    layers = [m for m in peft_model.modules() if isinstance(m, BitFitLayer)]
-    assert len(layers) == len(DEFAULT_TARGETS["llama"])
-    assert all(isinstance(m.get_base_layer(), bnb.nn.Linear4bit) for m in layers)
-    assert {d.dtype for d in deltas(peft_model).values()} == {torch.float32}
-    quantized_before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.dtype == torch.uint8}
-    assert quantized_before
-    with torch.no_grad():
-        assert torch.equal(run(peft_model, ids), reference)
-
     train_steps(peft_model, ids)
-
     with torch.no_grad():
         adapted = run(peft_model, ids)
-        assert not torch.allclose(adapted, reference)
-        with peft_model.disable_adapter():
-            assert torch.equal(run(peft_model, ids), reference)
-    quantized_after = dict(peft_model.named_parameters())
-    assert all(torch.equal(quantized_after[n], p) for n, p in quantized_before.items())
 
     merged = peft_model.merge_and_unload()
     assert all(isinstance(m.bias, nn.Parameter) for m in merged.modules() if isinstance(m, bnb.nn.Linear4bit))

@@ -6,107 +6,34 @@ import math
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
-from safetensors.torch import load_file
+from peft import get_peft_model
 from torch import nn
 from transformers import (
-    AutoConfig,
     AutoModel,
     BertForSequenceClassification,
-    BertModel,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaForCausalLM,
 )
+from tuner_tester import ARCHS, LAYERS, input_ids, load_4bit_llama, loss_of, make_model, run, tiny_config, train_steps
+from tuner_tester import wrapped as wrapped_by
 
 import peft_safe  # noqa: F401  (registers the BOTTLENECK peft type)
-from peft_safe import BottleneckConfig, BottleneckModel, HoulsbyConfig, PfeifferConfig
+from peft_safe import BottleneckConfig, HoulsbyConfig, PfeifferConfig
 from peft_safe.tuners.bottleneck.adapter import ACTIVATIONS, apply_bottleneck
 from peft_safe.tuners.bottleneck.layer import BottleneckLayer
 
-VOCAB = 100
-LAYERS = 2
-
-
-# ---------------------------------------------------------------------------------------------- tiny models
-def tiny_config(model_type: str):
-    if model_type in ("bert", "roberta", "xlm-roberta", "mpnet"):
-        return AutoConfig.for_model(
-            model_type, vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2,
-            intermediate_size=64,
-        )
-    if model_type == "distilbert":
-        return AutoConfig.for_model(model_type, vocab_size=VOCAB, dim=32, n_layers=LAYERS, n_heads=2, hidden_dim=64)
-    if model_type == "gpt2":
-        return GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=LAYERS, n_head=2, bos_token_id=0, eos_token_id=0)
-    extra = {"head_dim": 8} if model_type == "qwen3" else {}
-    return AutoConfig.for_model(
-        model_type, vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=64, **extra,
-    )
-
-
-def make_model(arch: str, seed: int = 0) -> nn.Module:
-    """A tiny model in eval mode (no dropout); the same seed gives the same weights."""
-    torch.manual_seed(seed)
-    if arch == "bert":
-        model = BertModel(tiny_config("bert"))
-    elif arch == "gpt2":
-        model = GPT2LMHeadModel(tiny_config("gpt2"))
-    elif arch == "llama":
-        model = LlamaForCausalLM(tiny_config("llama"))
-    else:
-        model = AutoModel.from_config(tiny_config(arch))
-    return model.eval()
-
-
-def input_ids(seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(seed))
-
-
-def run(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=ids)
-    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
-
-
-def loss_of(out: torch.Tensor) -> torch.Tensor:
-    target = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
-    return (out.float() * target).sum()
+pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
 
 def wrapped(peft_model: nn.Module) -> set[str]:
-    return {
-        name.removeprefix("base_model.model.")
-        for name, module in peft_model.named_modules()
-        if isinstance(module, BottleneckLayer)
-    }
+    return wrapped_by(peft_model, BottleneckLayer)
 
 
 def adapter_params(peft_model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in peft_model.named_parameters() if ".bottleneck_down." in n or ".bottleneck_up." in n}
 
 
-def train_steps(peft_model: nn.Module, ids: torch.Tensor, steps: int = 2) -> None:
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=1e-2)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss_of(run(peft_model, ids)).backward()
-        optimizer.step()
-
-
-ARCHS = ["bert", "gpt2", "llama"]
 CONFIG_CLASSES = [HoulsbyConfig, PfeifferConfig]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Tiny matrices gain nothing from intra-op threads, and on a busy machine their synchronisation makes each
-    # matmul cost milliseconds (this file: ~10 s single-threaded, ~50 s with 2 threads under load).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------- the maths
@@ -214,21 +141,6 @@ def test_bottleneck_width_from_reduction_factor_or_explicit_size():
 
 
 # ---------------------------------------------------------------------------------------------- behaviour
-@pytest.mark.parametrize("config_cls", CONFIG_CLASSES)
-@pytest.mark.parametrize("arch", ARCHS)
-def test_identity_at_init(arch, config_cls):
-    ids = input_ids()
-    model = make_model(arch)
-    reference = run(model, ids)
-    peft_model = get_peft_model(model, config_cls())
-    assert isinstance(peft_model.base_model, BottleneckModel)
-    assert torch.equal(run(peft_model, ids), reference)
-
-    # the check above is not vacuous: an adapter that is not zero-initialised does change the output
-    perturbed = get_peft_model(make_model(arch), config_cls(init_weights=False))
-    assert not torch.allclose(run(perturbed, ids), reference, rtol=0, atol=1e-7)
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_backward_reaches_adapters_only(arch):
     peft_model = get_peft_model(make_model(arch), HoulsbyConfig())
@@ -240,72 +152,6 @@ def test_backward_reaches_adapters_only(arch):
     assert all(p.grad is None for n, p in peft_model.named_parameters() if n not in adapters)
     # up-projections start at zero, so they get the first non-zero gradients
     assert all(p.grad.abs().sum() > 0 for n, p in adapters.items() if ".bottleneck_up." in n and n.endswith("weight"))
-
-
-@pytest.mark.parametrize("config_cls", CONFIG_CLASSES)
-@pytest.mark.parametrize("arch", ARCHS)
-def test_optimizer_steps_change_adapters_and_leave_base_bit_identical(arch, config_cls):
-    ids = input_ids()
-    model = make_model(arch)
-    reference = run(model, ids)
-    base_before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    peft_model = get_peft_model(model, config_cls())
-    adapters_before = {n: p.detach().clone() for n, p in adapter_params(peft_model).items()}
-
-    train_steps(peft_model, ids, steps=2)
-
-    base_after = {
-        n.removeprefix("base_model.model.").replace(".base_layer.", "."): p
-        for n, p in peft_model.named_parameters()
-        if n not in adapters_before
-    }
-    assert base_after.keys() == base_before.keys()
-    assert all(torch.equal(base_after[n], base_before[n]) for n in base_before)
-    changed = {n for n, p in adapter_params(peft_model).items() if not torch.equal(p, adapters_before[n])}
-    assert changed == set(adapters_before)
-    assert not torch.allclose(run(peft_model, ids), reference)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_disable_adapter_gives_base_output_after_training(arch):
-    ids = input_ids()
-    model = make_model(arch)
-    reference = run(model, ids)
-    peft_model = get_peft_model(model, HoulsbyConfig())
-    train_steps(peft_model, ids)
-    adapted = run(peft_model, ids)
-    assert not torch.allclose(adapted, reference)
-
-    with peft_model.disable_adapter():
-        assert torch.equal(run(peft_model, ids), reference)
-
-    assert torch.equal(run(peft_model, ids), adapted)
-    assert all(p.requires_grad for p in adapter_params(peft_model).values())
-
-
-@pytest.mark.parametrize("config_cls", CONFIG_CLASSES)
-@pytest.mark.parametrize("arch", ARCHS)
-def test_save_and_load_round_trip(arch, config_cls, tmp_path):
-    ids = input_ids()
-    config = config_cls(reduction_factor=8, non_linearity="gelu", scaling=0.5)
-    peft_model = get_peft_model(make_model(arch), config)
-    train_steps(peft_model, ids)
-    expected = run(peft_model, ids)
-    peft_model.save_pretrained(tmp_path)
-
-    saved = load_file(tmp_path / "adapter_model.safetensors")
-    assert set(saved) == {n.replace(".default.", ".") for n in adapter_params(peft_model)}  # adapters only
-
-    loaded = PeftModel.from_pretrained(make_model(arch), tmp_path)
-    assert torch.equal(run(loaded, ids), expected)
-    loaded_config = loaded.peft_config["default"]
-    assert type(loaded_config) is config_cls
-    for field in ("preset", "reduction_factor", "bottleneck_size", "non_linearity", "scaling", "target_modules"):
-        assert getattr(loaded_config, field) == getattr(config, field), field
-
-    # the checkpoint keys carry no adapter name, so it loads under any name
-    renamed = PeftModel.from_pretrained(make_model(arch), tmp_path, adapter_name="renamed")
-    assert torch.equal(run(renamed, ids), expected)
 
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
@@ -395,23 +241,7 @@ def test_preset_contradicting_the_class_raises():
 
 
 # ---------------------------------------------------------------------------------------------- 4-bit base
-def _load_4bit_llama(path):
-    bnb = pytest.importorskip("bitsandbytes")
-    from transformers import BitsAndBytesConfig
-
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-    )
-    try:
-        model = LlamaForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=torch.float32)
-        run(model, input_ids())
-    except Exception as exc:  # pragma: no cover - depends on the bitsandbytes build
-        pytest.skip(f"bitsandbytes 4-bit does not run on this machine: {exc}")
-    # train mode: bitsandbytes repacks 4-bit weights for CPU inference in eval mode, which would blur the
-    # "base weights unchanged" check; the tiny LLaMA has no dropout, so outputs are the same in both modes
-    return model.train(), bnb
-
-
+# (training on it, as every tuner does: test_tuners_common.py)
 @pytest.fixture(scope="module")
 def llama_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
@@ -419,29 +249,11 @@ def llama_checkpoint(tmp_path_factory):
     return path
 
 
-def test_4bit_llama(llama_checkpoint):
-    ids = input_ids()
-    model, bnb = _load_4bit_llama(llama_checkpoint)
-    with torch.no_grad():
-        reference = run(model, ids)
+def test_4bit_llama_puts_one_adapter_after_each_sublayer_and_refuses_to_merge(llama_checkpoint):
+    model, bnb = load_4bit_llama(llama_checkpoint)
     peft_model = get_peft_model(model, HoulsbyConfig())
-
     layers = [m for m in peft_model.modules() if isinstance(m, BottleneckLayer)]
     assert len(layers) == 2 * LAYERS
-    assert all(isinstance(layer.get_base_layer(), bnb.nn.Linear4bit) for layer in layers)
-    assert {p.dtype for p in adapter_params(peft_model).values()} == {torch.float32}
-    quantized_before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.dtype == torch.uint8}
-    assert quantized_before
-    with torch.no_grad():
-        assert torch.equal(run(peft_model, ids), reference)
-
-    train_steps(peft_model, ids)
-
-    with torch.no_grad():
-        assert not torch.allclose(run(peft_model, ids), reference)
-        with peft_model.disable_adapter():
-            assert torch.equal(run(peft_model, ids), reference)
-    quantized_after = dict(peft_model.named_parameters())
-    assert all(torch.equal(quantized_after[n], p) for n, p in quantized_before.items())
+    train_steps(peft_model, input_ids())
     with pytest.raises(ValueError, match="unload"):
         peft_model.merge_and_unload()
