@@ -27,13 +27,18 @@ each_tuner = pytest.mark.parametrize("tuner", TUNERS, ids=str)
 each_arch = pytest.mark.parametrize("arch", ARCHS)
 
 
-@each_tuner
-@each_arch
-def test_identity_at_init(arch, tuner):
+def wrap(arch: str, tuner) -> tuple[torch.Tensor, torch.Tensor, PeftModel]:
+    """Inputs, the base model's output on them, and the base model under ``tuner``'s default config."""
     ids = input_ids()
     model = make_model(arch)
     reference = run(model, ids)
-    peft_model = get_peft_model(model, tuner.config_cls())
+    return ids, reference, get_peft_model(model, tuner.config_cls())
+
+
+@each_tuner
+@each_arch
+def test_identity_at_init(arch, tuner):
+    ids, reference, peft_model = wrap(arch, tuner)
     assert isinstance(peft_model.base_model, tuner.model_cls)
     assert torch.equal(run(peft_model, ids), reference)
 
@@ -73,10 +78,7 @@ def test_optimizer_steps_change_adapters_and_leave_base_bit_identical(arch, tune
 @each_tuner
 @each_arch
 def test_disable_adapter_and_unload_give_base_output_after_training(arch, tuner):
-    ids = input_ids()
-    model = make_model(arch)
-    reference = run(model, ids)
-    peft_model = get_peft_model(model, tuner.config_cls())
+    ids, reference, peft_model = wrap(arch, tuner)
     train_steps(peft_model, ids)
     adapted = run(peft_model, ids)
     assert not torch.allclose(adapted, reference)
