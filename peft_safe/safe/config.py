@@ -108,7 +108,7 @@ class SAFEConfig(PeftConfig):
         probe_tokens: token budget per unit for one CKA: real tokens are subsampled to at most this many.
         cka_precision: ``"float64"`` (default: the reference) or ``"float32"``: 1 - CKA from the change an adapter
             makes, its products in float32 (``core.cka.importance_by_difference``; the same scores to a relative
-            1e-3, measured 5e-6, at float32 speed).
+            1e-3, measured 5e-6; the products in float32, which consumer GPUs run 64 times faster than float64).
         blocks_path: dotted path (from the base model) of the list of transformer blocks; found automatically
             when ``None``.
         seed: seed of the token subsampling; the global RNG is never touched.
