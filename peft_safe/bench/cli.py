@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..core.cka import CKA_PRECISIONS
 from .baselines import parse_baseline
 from .data import TASKS, BenchInputError, prepare_task
 from .plots import plot_freeze_timeline, plot_importance, plot_memory
@@ -84,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scoring-site", choices=("auto", "adapter_output", "block_output", "residual_update"),
                    help="where SAFE measures importance (default: SAFEConfig's, auto)")
     p.add_argument("--freeze-order", choices=("prefix", "any"), help="SAFE's freeze order (default: SAFEConfig's)")
-    p.add_argument("--cka-precision", choices=("float64", "float32"),
+    p.add_argument("--cka-precision", choices=CKA_PRECISIONS,
                    help="how SAFE computes 1 - CKA (default: SAFEConfig's, float64; float32: the difference form)")
     p.add_argument("--importance-scale", choices=("share", "normalized", "raw"),
                    help="the scale SAFE's threshold applies to (default: SAFEConfig's)")

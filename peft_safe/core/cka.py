@@ -145,9 +145,10 @@ def importance_by_difference(x: torch.Tensor, y: torch.Tensor) -> float:
     + s, v = 2p + r: the first-order terms cancel in closed form, so float32 products lose precision relative to
     the change's own size, not to 1. A change larger than half of y (1 - CKA far from 0) goes to the float64 form,
     which then loses nothing. The float64 form subtracts a CKA near 1 from 1 and cannot resolve importances
-    below about 1e-10 (:data:`ROUNDING_TOLERANCE`); this one agrees with it above that (tests/core/test_cka.py
-    states the tolerance) and goes on below it. The matrix products run in float32: twice float64's speed on a
-    CPU, 64 times on consumer GPUs (a whole scoring gains less where the products do not dominate).
+    below about 1e-10 (:data:`ROUNDING_TOLERANCE`); this one agrees with it above that
+    (tests/core/test_cka_difference.py states the tolerance) and goes on below it. The matrix products run in
+    float32: twice float64's speed on a CPU, 64 times on consumer GPUs (a whole scoring gains less where the
+    products do not dominate).
 
     Args:
         x: activations with the adapters, [n, d]; y: without them, [n, d] (same shape).

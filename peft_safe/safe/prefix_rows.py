@@ -52,6 +52,12 @@ class RowKeys:
     shape: tuple[int, int]
 
 
+def _digest_tensor(digest: Any, name: str, value: torch.Tensor) -> None:
+    """Feed ``value`` (on the CPU), its name, dtype and shape into ``digest``."""
+    digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}:".encode())
+    digest.update(value.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
 def _plain(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
 
@@ -77,8 +83,7 @@ def row_keys(args: tuple, kwargs: dict) -> RowKeys | str:
             if name in PER_TOKEN and value.dim() >= 1 and value.shape[0] in (batch, 1):
                 per_row[name] = value if value.shape[0] == batch else value.expand(batch, *value.shape[1:])
                 continue
-            whole.update(f"{name}:{value.dtype}:{tuple(value.shape)}:".encode())
-            whole.update(value.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            _digest_tensor(whole, name, value)
         elif _plain(value):
             whole.update(f"{name}={value!r};".encode())
         else:
@@ -98,8 +103,7 @@ def row_keys(args: tuple, kwargs: dict) -> RowKeys | str:
             row = per_row[name][i]
             if row.dim() >= 1 and row.shape[0] == seq and per_row[name].dim() == 2:
                 row = row[:length]
-            digest.update(f"{name}:{row.dtype}:{tuple(row.shape)}:".encode())
-            digest.update(row.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            _digest_tensor(digest, name, row)
         keys.append(digest.digest())
     return RowKeys(keys, lengths, (batch, seq))
 
