@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run a simple competitor, reported like SAFE (repeatable): prefix:K@T freezes the bottom "
                         "K blocks at step T (T=safe: SAFE's first freeze step on the seed), top:K puts the adapter "
                         "on all but the bottom K blocks (lora, adalora)")
+    p.add_argument("--no-plain", action="store_true",
+                   help="a sweep point: SAFE (and any --baseline) only, without the plain adapter run; peft-safe "
+                        "frontier pairs it with the plain run of the same seed in another summary of the same task "
+                        "and flags (times are not compared across processes)")
     p.add_argument("--measure-every", type=int, default=5, help="measure memory every N steps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="write config, per-seed results, memory series and importance history here")
@@ -154,6 +158,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
                      f"{args.safe_memory_budget}.")
     if not args.lr > 0:
         parser.error(f"--lr must be > 0, got {args.lr}.")
+    if args.no_plain and args.safe_memory_budget is not None:
+        parser.error("--safe-memory-budget is a fraction of the plain run's measured peak, which --no-plain does not "
+                     "run; drop one of the two.")
     adapters = [a.strip().lower() for a in args.adapters.split(",") if a.strip()]
     unknown = [a for a in adapters if a not in ADAPTERS]
     if unknown or not adapters:
@@ -235,6 +242,12 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             for adapter in args.adapters:
                 safe_config(adapter_config(adapter, args, total_steps, task_type), args, total_steps, task_type)
         for adapter in args.adapters:
+            if args.no_plain:  # a sweep point: the plain run of this seed is in another summary
+                safe, safe_meter = run_one(task, adapter, True, args, seed)
+                after = safe_meter.last_change or 0
+                safe["memory"] = safe_meter.summary(after_step=after).to_dict()
+                results += [safe, *run_baselines(task, adapter, args, seed, safe, after)]
+                continue
             baseline, base_meter = run_one(task, adapter, False, args, seed)
             safe_args = args
             if args.safe_memory_budget is not None:

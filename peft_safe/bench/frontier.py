@@ -32,21 +32,53 @@ def method_of(result: dict[str, Any], config: dict[str, Any]) -> str:
     return f"SAFE tau={tau}" if result["safe"] else result["adapter"]
 
 
-def points(reports: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One point per run that has a plain run of its adapter and seed in the same report.
+#: The flags and versions that make a plain run: a run of one summary is compared with the plain run of its seed in
+#: another only where all of them agree (SAFE's own flags, --baseline and where the files go may differ).
+PLAIN_RUN_FIELDS = ("task_name", "model", "train_examples", "test_examples", "total_steps", "train_size", "test_size",
+                    "probe_size", "epochs", "steps", "batch_size", "max_length", "rank", "target_modules", "bits",
+                    "checkpointing", "lr", "lr_schedule", "regime", "device", "torch", "peft", "transformers")
+
+
+def _plain_key(config: dict[str, Any], run: dict[str, Any]) -> tuple:
+    flags = (json.dumps(config.get(field), sort_keys=True) for field in PLAIN_RUN_FIELDS)
+    return (*flags, run["adapter"], run["seed"])
+
+
+def _is_plain(run: dict[str, Any]) -> bool:
+    return not run["safe"] and not run.get("variant")
+
+
+def points(reports: Iterable[dict[str, Any]], unpaired: list[str] | None = None) -> list[dict[str, Any]]:
+    """One point per run that has a plain run of its adapter and seed: in the same report, else in another report
+    of the same task and flags (:data:`PLAIN_RUN_FIELDS`; a ``--no-plain`` sweep point).
+
+    Args:
+        reports: bench summaries.
+        unpaired: if given, gets one line per run left out for want of a plain run.
 
     Returns:
         dicts with ``method``, ``seed``, ``metric``, ``metric_delta`` (run - plain), ``memory_ratio`` (average
-        training memory / plain's), ``flops_ratio``, ``time_ratio`` (train + scoring / plain's), ``frozen``
-        (units frozen at the end) and ``freeze_at`` (the step of the first freeze, None without).
+        training memory / plain's), ``flops_ratio``, ``time_ratio`` (train + scoring / plain's; None against another
+        report's plain run: times of two processes are not compared), ``frozen`` (units frozen at the end) and
+        ``freeze_at`` (the step of the first freeze, None without).
     """
+    reports = list(reports)
+    elsewhere: dict[tuple, dict[str, Any]] = {}
+    for report in reports:
+        for run in filter(_is_plain, report["results"]):
+            elsewhere.setdefault(_plain_key(report["config"], run), run)
     rows = []
     for report in reports:
         config = report["config"]
-        plain = {(r["adapter"], r["seed"]): r for r in report["results"] if not r["safe"] and not r.get("variant")}
+        here = {(r["adapter"], r["seed"]): r for r in report["results"] if _is_plain(r)}
         for run in report["results"]:
-            base = plain.get((run["adapter"], run["seed"]))
+            base = here.get((run["adapter"], run["seed"]))
+            same_process = base is not None
             if base is None:
+                base = elsewhere.get(_plain_key(config, run))
+            if base is None:
+                if unpaired is not None:
+                    unpaired.append(f"{method_of(run, config)} seed {run['seed']}")
                 continue
             steps = [t for t in (run.get("freeze_steps") or {}).values() if t is not None]
             rows.append({
@@ -54,7 +86,7 @@ def points(reports: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
                 "metric_delta": run["metric"] - base["metric"],
                 "memory_ratio": run["memory"]["avg_training_bytes"] / base["memory"]["avg_training_bytes"],
                 "flops_ratio": run["total_flops"] / base["total_flops"],
-                "time_ratio": run["total_time_s"] / base["total_time_s"],
+                "time_ratio": run["total_time_s"] / base["total_time_s"] if same_process else None,
                 "frozen": len(run.get("frozen_units") or []),
                 "freeze_at": run.get("freeze_at") if run.get("freeze_at") is not None else min(steps, default=None),
             })
@@ -62,13 +94,17 @@ def points(reports: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def frontier(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per method (in first-seen order): the seeds and, for every figure, ``{"mean", "std"}`` over them."""
+    """Per method (in first-seen order): the seeds and, for every figure, ``{"mean", "std"}`` over them (None for a
+    time no seed of the method could be compared)."""
     out = []
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
         entry: dict[str, Any] = {"method": method, "seeds": [r["seed"] for r in mine]}
         for key in ("metric", "metric_delta", "memory_ratio", "flops_ratio", "time_ratio", "frozen"):
-            values = [r[key] for r in mine]
+            values = [r[key] for r in mine if r[key] is not None]  # time: only against a plain run of one process
+            if not values:
+                entry[key] = None
+                continue
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             entry[key] = {"mean": statistics.fmean(values), "std": spread}
         out.append(entry)
@@ -82,9 +118,10 @@ def format_frontier(entries: list[dict[str, Any]], metric_name: str) -> str:
     lines = [head + f"{'FLOPs':>6} {'time':>6} {'frozen':>6}"]
     for e in entries:
         metric = f"{fmt.format(e['metric']['mean'] * scale)} ± {fmt.format(e['metric']['std'] * scale)}"
+        time = "-" if e["time_ratio"] is None else f"{e['time_ratio']['mean']:.3f}x"
         lines.append(f"{e['method']:<34} {len(e['seeds']):>5} {metric:>22} "
                      f"{e['metric_delta']['mean'] * scale:>+9.2f} {e['memory_ratio']['mean']:>6.3f}x "
-                     f"{e['flops_ratio']['mean']:>5.3f}x {e['time_ratio']['mean']:>5.3f}x {e['frozen']['mean']:>6.1f}")
+                     f"{e['flops_ratio']['mean']:>5.3f}x {time:>6} {e['frozen']['mean']:>6.1f}")
     return "\n".join(lines)
 
 
@@ -109,8 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(metrics) != 1:
         parser.error(f"the summaries measure different metrics {sorted(metrics)}; give one task's files at a time.")
     metric_name = metrics.pop()
-    entries = frontier(points(reports))
+    unpaired: list[str] = []
+    entries = frontier(points(reports, unpaired))
     print(format_frontier(entries, metric_name))
+    if unpaired:
+        print(f"left out, no plain run of their seed in a summary of the same task and flags: {', '.join(unpaired)}",
+              file=sys.stderr)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(entries, handle, indent=1)

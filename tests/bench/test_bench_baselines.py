@@ -126,3 +126,28 @@ def test_the_summary_json_keeps_figures_and_decisions_without_series(report, ass
     out = tmp_path / "docs" / "seed0.json"
     assert main(tiny_argv(assets, tmp_path, "--summary-json", str(out), "--no-plots", "--epochs", "1")) == 0
     assert "loss_series" not in out.read_text() and json.loads(out.read_text())["results"]
+
+
+def test_a_sweep_point_without_the_plain_run_is_the_run_it_would_have_been_beside_it(report, assets, tiny_argv):
+    # --no-plain skips the plain adapter; peft-safe frontier then pairs the SAFE run with the plain run of its seed
+    # in another summary of the same task and flags, which is sound only if the SAFE run does not depend on it
+    from peft_safe.bench.frontier import points
+
+    out = assets["root"] / "sweep"
+    assert main(tiny_argv(assets, out, "--no-plain", "--baseline", "prefix:1@safe", "--no-plots")) == 0
+    sweep = json.loads((out / "bench.json").read_text())
+    assert [(r["safe"], r.get("variant")) for r in sweep["results"]] == [(True, None), (False, "prefix:1@safe")]
+    (alone,) = [r for r in sweep["results"] if r["safe"]]
+    (beside,) = [r for r in report["results"] if r["safe"]]
+    for key in ("metric", "freeze_steps", "loss_series", "total_flops"):
+        assert alone[key] == beside[key], key
+    rows = points([sweep, report])
+    paired = [r for r in rows if r["method"] == "SAFE tau=0.9"]  # conftest's tau
+    assert len(paired) == 2 and paired[0]["memory_ratio"] == pytest.approx(paired[1]["memory_ratio"])
+    assert paired[0]["time_ratio"] is None and paired[1]["time_ratio"] is not None  # times of two processes: not
+
+
+def test_a_sweep_point_has_no_memory_budget_to_take_from_a_plain_run(assets, tiny_argv, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(tiny_argv(assets, tmp_path, "--no-plain", "--safe-memory-budget", "0.5"))
+    assert info.value.code == 2 and "--no-plain" in capsys.readouterr().err

@@ -68,3 +68,25 @@ def test_a_file_that_is_not_a_summary_is_refused_with_the_fix(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main([str(bad)])
     assert info.value.code == 2 and "--summary-json" in capsys.readouterr().err
+
+
+def test_a_sweep_point_pairs_with_the_plain_run_of_a_summary_of_the_same_flags_only(capsys, tmp_path):
+    full = report(0, 1000.0)
+    full["config"].update({"task_name": "rotten_tomatoes", "lr": 5e-4})
+    sweep = {"config": {"metric": "accuracy", "tau": 0.5, "task_name": "rotten_tomatoes", "lr": 5e-4}, "summary": {},
+             "results": [run(0, 0.81, 300.0, 500.0, 50.0, safe=True, frozen=5)]}
+    rows = {r["method"]: r for r in points([full, sweep])}
+    assert rows["SAFE tau=0.5"]["memory_ratio"] == pytest.approx(0.3)
+    assert rows["SAFE tau=0.5"]["metric_delta"] == pytest.approx(0.01)
+    assert rows["SAFE tau=0.5"]["time_ratio"] is None  # another process's times are not compared
+    entries = {e["method"]: e for e in frontier(list(rows.values()))}
+    assert entries["SAFE tau=0.5"]["time_ratio"] is None and entries["lora"]["time_ratio"]["mean"] == 1.0
+    other = {**sweep, "config": {**sweep["config"], "lr": 1e-3}}  # another learning rate: another plain run
+    unpaired: list[str] = []
+    assert [r["method"] for r in points([full, other], unpaired)] == ["lora", "SAFE tau=0.3", "prefix:3@safe"]
+    assert unpaired == ["SAFE tau=0.5 seed 0"]
+    files = [tmp_path / "seed0.json", tmp_path / "tau.json"]
+    for path, data in zip(files, (full, other)):
+        path.write_text(json.dumps(data))
+    assert main(list(map(str, files))) == 0
+    assert "SAFE tau=0.5 seed 0" in capsys.readouterr().err
