@@ -12,14 +12,18 @@ import math
 
 import torch
 
-__all__ = ["CKA_PRECISIONS", "SCORING_SITES", "CKAAccumulator", "importance_by_difference", "importance_from_cka",
-           "linear_cka"]
+__all__ = ["CKA_PRECISIONS", "SCORING_SITES", "CKAAccumulator", "NonFiniteActivations", "importance_by_difference",
+           "importance_from_cka", "linear_cka"]
 
 #: Where SAFE measures 1 - CKA (see peft_safe.safe.scoring): a block's output, its residual update, or each
 #: adapted layer's output, each with vs without the adapters.
 SCORING_SITES = ("block_output", "residual_update", "adapter_output")
 
 _FLOAT64_EPS = torch.finfo(torch.float64).eps
+
+
+class NonFiniteActivations(ValueError):
+    """An input to CKA holds inf or NaN (checked once, where the values are read for the products)."""
 
 
 #: 1 - CKA below this is float64 rounding of identical representations, not a difference between them.
@@ -53,7 +57,7 @@ def _centred_unit_scale(m: torch.Tensor) -> torch.Tensor | None:
     if m.numel() == 0:
         return None
     if not torch.isfinite(m).all():
-        raise ValueError("linear_cka got non-finite values (inf or NaN) in its input")
+        raise NonFiniteActivations("linear_cka got non-finite values (inf or NaN) in its input")
     # One float64 copy, changed in place from here on; max |.| per column as max(amax, -amin), with no |m| copy.
     m = m.to(torch.float64, copy=True)
     col_scale = torch.maximum(m.amax(dim=0), m.amin(dim=0).neg())  # [d]
@@ -168,7 +172,7 @@ def importance_by_difference(x: torch.Tensor, y: torch.Tensor) -> float:
     work = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32  # bf16 / fp16 widened
     xw, yw = x.detach().to(work), y.detach().to(x.device, work)
     if not (torch.isfinite(xw).all() and torch.isfinite(yw).all()):
-        raise ValueError("importance_by_difference got non-finite values (inf or NaN) in its input")
+        raise NonFiniteActivations("importance_by_difference got non-finite values (inf or NaN) in its input")
     # the change taken before any rounding of its own; both scaled to max-abs 1 (CKA does not see a common scale)
     # before float32, so 1e-30 or 1e30 activations neither underflow nor overflow
     scale = torch.maximum(xw.abs().max(), yw.abs().max())

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..batch import call_model, real_tokens, to_device
-from ..core.cka import SCORING_SITES, CKAAccumulator
+from ..core.cka import SCORING_SITES, CKAAccumulator, NonFiniteActivations
 from .units import AdapterUnit
 
 _MODEL_INPUT_NAMES = ("input_ids", "inputs_embeds", "pixel_values", "input_features", "input_values")
@@ -247,7 +247,7 @@ def compute_importance(
     for group in groups:
         accumulators = {key: CKAAccumulator(max_tokens=max_tokens, seed=seeds[key]) for key in group}
         _probe_pass(model, units, accumulators, batches, site, device, stop_early=len(groups) > 1)
-        for (name, _), value in [(key, acc.importance(precision)) for key, acc in accumulators.items()]:
+        for (name, _), value in [(key, _importance(key[0], acc, precision)) for key, acc in accumulators.items()]:
             per_unit.setdefault(name, []).append(value)
         accumulators.clear()  # this group's rows go before the next group's come
     return {name: sum(values) / len(values) for name, values in per_unit.items()}
@@ -368,13 +368,18 @@ def _probe_pass(model: nn.Module, units: list[AdapterUnit], accumulators: dict, 
             "below 3 tokens (two centred tokens always give CKA 1, importance 0): give the probe set more tokens "
             "(longer or more sequences)."
         )
-    for (name, _), acc in accumulators.items():
-        x, y = acc.rows
-        if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
-            raise ValueError(
-                f"unit {name!r} produced inf or NaN activations on the probe batches (a {x.dtype} overflow, or NaN in "
-                "the model): its importance cannot be scored. Check the model's outputs, or score in bfloat16/float32."
-            )
+
+
+def _importance(name: str, accumulator: CKAAccumulator, precision: str) -> float:
+    """1 - CKA of one accumulator; inf or NaN in its rows (found where CKA reads them, once) named by unit."""
+    try:
+        return accumulator.importance(precision)
+    except NonFiniteActivations as error:
+        raise ValueError(
+            f"unit {name!r} produced inf or NaN activations on the probe batches (a {accumulator.rows[0].dtype} "
+            "overflow, or NaN in the model): its importance cannot be scored. Check the model's outputs, or score in "
+            "bfloat16/float32."
+        ) from error
 
 
 def _width(module: Any) -> int | None:
