@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from peft_safe.core import cka as cka_module
-from peft_safe.core.cka import CKAAccumulator, importance_from_cka, linear_cka
+from peft_safe.core.cka import CKAAccumulator, NonFiniteActivations, importance_from_cka, linear_cka
 
 
 def reference_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -163,7 +163,7 @@ def test_bad_shapes_raise_naming_them(x, y, match):
 def test_non_finite_input_raises():
     x = torch.randn(5, 2)
     x[1, 1] = float("nan")
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(NonFiniteActivations, match="non-finite"):  # a ValueError the scoring names by unit
         linear_cka(x, torch.randn(5, 2))
 
 

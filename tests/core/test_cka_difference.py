@@ -10,7 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peft_safe.core.cka import CKAAccumulator, importance_by_difference, importance_from_cka, linear_cka
+from peft_safe.core.cka import (
+    CKAAccumulator,
+    NonFiniteActivations,
+    importance_by_difference,
+    importance_from_cka,
+    linear_cka,
+)
 
 RELATIVE = 1e-3
 FLOOR = 1e-8
@@ -69,7 +75,7 @@ def test_degenerate_inputs_read_as_the_reference_does():
     assert importance_by_difference(moved, y) == reference(moved, y)  # left to the float64 form
     with pytest.raises(ValueError, match="one shape"):
         importance_by_difference(y, y[:, :4])
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(NonFiniteActivations, match="non-finite"):
         importance_by_difference(y.clone().fill_(float("nan")), y)
 
 
