@@ -27,9 +27,8 @@ from torch import nn
 
 from ..batch import call_model, real_tokens, to_device
 from ..core.cka import SCORING_SITES, CKAAccumulator, NonFiniteActivations
+from .probe_inputs import check_probe_batch, check_probe_set
 from .units import AdapterUnit
-
-_MODEL_INPUT_NAMES = ("input_ids", "inputs_embeds", "pixel_values", "input_features", "input_values")
 
 # The most bytes of CKA rows scoring holds at once (compute_importance's default): the kept token rows of every unit,
 # with and without adapters, for a whole probe pass. Beyond it, units are scored in groups (one pass each).
@@ -44,75 +43,6 @@ def _first_tensor(output: Any) -> torch.Tensor | None:
         if isinstance(value, torch.Tensor):
             return value
     return None
-
-
-def _check_probe_set(probe_batches: Any) -> None:
-    if isinstance(probe_batches, Mapping):
-        raise ValueError(
-            f"probe_batches is a single batch (a dict with keys {sorted(probe_batches)}); pass a list of batches, "
-            "e.g. [batch]."
-        )
-    if isinstance(probe_batches, (str, bytes)) or not isinstance(probe_batches, Iterable):
-        raise TypeError(
-            "probe_batches must be an iterable of batches (a list of dicts of tensors), "
-            f"got {type(probe_batches).__name__}."
-        )
-
-
-def check_probe_batch(model: nn.Module, batch: Any) -> None:
-    """Raise if ``batch`` is not a batch of the model's inputs (keys, tensors, id dtype, shape and range)."""
-    if not isinstance(batch, Mapping):
-        if isinstance(batch, (torch.Tensor, tuple, list)):
-            return
-        raise TypeError(
-            f"a probe batch must be a dict of model inputs (or a tensor / tuple for plain modules), "
-            f"got {type(batch).__name__}."
-        )
-    params = inspect.signature(model.forward).parameters
-    expected = [name for name in _MODEL_INPUT_NAMES if name in params]
-    if expected and not any(name in batch for name in expected):
-        raise ValueError(
-            f"probe batch has keys {sorted(batch)} but none of the model's inputs {expected}; "
-            "pass tokenized batches, e.g. tokenizer(texts, return_tensors='pt', padding=True)."
-        )
-    for name in expected:
-        value = batch.get(name)
-        if not isinstance(value, torch.Tensor):
-            if value is not None:
-                raise TypeError(
-                    f"probe batch {name!r} must be a tensor, got {type(value).__name__}; use return_tensors='pt'."
-                )
-            continue
-        if value.numel() == 0:
-            raise ValueError(f"probe batch {name!r} is empty (shape {tuple(value.shape)}); drop empty batches.")
-        if value.is_meta:  # any other device is moved to the model's at the probe forward
-            raise ValueError(f"probe batch {name!r} is on the meta device (shapes, no values); give it with its "
-                             "values, on the model's device or the CPU (it is moved to the model's).")
-        if name == "input_ids":
-            _check_token_ids(model, value)
-
-
-def _check_token_ids(model: nn.Module, ids: torch.Tensor) -> None:
-    if ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError(
-            f"probe batch 'input_ids' must hold integer token ids as int64 (or int32), got dtype {ids.dtype}; "
-            "use ids.long()."
-        )
-    if ids.dim() != 2:
-        raise ValueError(
-            f"probe batch 'input_ids' must be 2-D (batch, sequence), got shape {tuple(ids.shape)}; a single "
-            "sequence is ids.unsqueeze(0); a probe set is a list of such batches, not one stacked tensor."
-        )
-    try:
-        vocab = getattr(model.get_input_embeddings(), "num_embeddings", None)
-    except (AttributeError, NotImplementedError):  # a model without (or not telling) its input embeddings
-        vocab = None
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or (isinstance(vocab, int) and high >= vocab):
-        raise ValueError(
-            f"probe batch 'input_ids' hold ids from {low} to {high}, outside the model's vocabulary "
-            f"[0, {vocab}); tokenize the probe set with the model's own tokenizer."
-        )
 
 
 def _no_cache(model: nn.Module, batch: Any) -> dict[str, Any]:
@@ -231,7 +161,7 @@ def compute_importance(
     merged = [unit.name for unit in units if any(layer.merged for layer in unit.layers)]
     if merged:
         raise ValueError(f"cannot score units {merged} while their adapters are merged; call unmerge_adapter() first.")
-    _check_probe_set(probe_batches)
+    check_probe_set(probe_batches)
     if not units:
         return {}
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -246,7 +176,9 @@ def compute_importance(
     per_unit: dict[str, list[float]] = {}
     for group in groups:
         accumulators = {key: CKAAccumulator(max_tokens=max_tokens, seed=seeds[key]) for key in group}
-        _probe_pass(model, units, accumulators, batches, site, device, stop_early=len(groups) > 1)
+        names = {name for name, _ in group}
+        ProbePass(model, [u for u in units if u.name in names], accumulators, site,
+                  stop_early=len(groups) > 1).run(batches, device)
         for (name, _), value in [(key, _importance(key[0], acc, precision)) for key, acc in accumulators.items()]:
             per_unit.setdefault(name, []).append(value)
         accumulators.clear()  # this group's rows go before the next group's come
@@ -254,120 +186,164 @@ def compute_importance(
 
 
 class _GroupDone(Exception):
-    """Raised by a hook once every unit of the group being scored has run: the rest of the forward is not needed."""
+    """Raised by :class:`ProbePass`'s stop hook once every unit of its group has run, and caught by
+    :meth:`ProbePass.run` alone: a hook cannot end a torch forward any other way, and the blocks above the group
+    would cost a whole forward per group otherwise (a 7B model's units are scored in up to one group per block)."""
 
 
-def _probe_pass(model: nn.Module, units: list[AdapterUnit], accumulators: dict, batches: list, site: str,
-                device: torch.device, stop_early: bool) -> None:
-    """One pass over the probe batches, filling ``accumulators`` (keyed (unit name, layer index)), then checked."""
-    per_layer = site == "adapter_output"
-    names = {name for name, _ in accumulators}
-    group = [u for u in units if u.name in names]
-    calls: dict[str, list[tuple[tuple, dict, Any]]] = {}
-    recording = [False]  # off during the reruns, whose calls must not be captured again
-    current_mask: list[torch.Tensor | None] = [None]
-    seen: set[str] = set()  # units of the group that ran in this batch's forward
-    base_out: dict[int, list] = {}  # id(layer) -> outputs of its base layer during its call
+class ProbePass:
+    """One pass over the probe batches that fills the CKA accumulators of one group of units.
 
-    def recorder(name: str):
+    At ``"block_output"`` and ``"residual_update"`` a forward hook on each unit records its calls; after each
+    batch's forward every recorded call is rerun with the unit's adapters off, and the pair goes to the unit's
+    accumulator. At ``"adapter_output"`` each adapted layer is scored inside its own call: the output without its
+    adapter is its base layer's output in the same call (recorded by a hook on the base layer), or a rerun with the
+    adapter off where the base layer ran more than once or its output was changed in place.
+
+    State, all per batch except the accumulators: ``recording`` (off while reruns run, so their calls are not
+    recorded again), ``mask`` (the batch's attention mask), ``calls`` (unit -> recorded calls), ``base_outputs``
+    (layer -> its base layer's outputs and their versions) and ``seen`` (units of the group that ran).
+
+    Args:
+        model: the model with adapters injected.
+        group: the units to score in this pass.
+        accumulators: one per (unit name, layer index) to fill; layer index 0 for the per-unit sites.
+        site: one of :data:`SCORING_SITES`.
+        stop_early: end each forward once the group's last unit has run (when other groups follow).
+    """
+
+    def __init__(self, model: nn.Module, group: list[AdapterUnit], accumulators: dict, site: str,
+                 stop_early: bool) -> None:
+        self.model, self.group, self.accumulators, self.site = model, group, accumulators, site
+        self.per_layer = site == "adapter_output"
+        self.stop_early = stop_early
+        self.recording = False
+        self.mask: torch.Tensor | None = None
+        self.calls: dict[str, list[tuple[tuple, dict, Any]]] = {}
+        self.base_outputs: dict[int, list[tuple[Any, int | None]]] = {}
+        self.seen: set[str] = set()
+
+    def run(self, batches: list, device: torch.device) -> None:
+        """Every batch forward once with the hooks in place, then :meth:`check` what was gathered.
+
+        Raises:
+            ValueError: if the probe set is empty or a unit saw too few tokens (see :meth:`check`).
+        """
+        n_batches = 0
+        with preserved_state(self.model):
+            handles = self._install()
+            try:
+                for batch in batches:
+                    self._forward(to_device(batch, device))
+                    n_batches += 1
+                    self._score_recorded_calls()
+            finally:
+                for handle in handles:
+                    handle.remove()
+                self.calls.clear()
+                self.base_outputs.clear()
+        if n_batches == 0:
+            raise ValueError("the probe set is empty; pass at least one batch to score importance.")
+        self.check()
+
+    def _install(self) -> list:
+        handles = []
+        for unit in self.group:
+            if not self.per_layer:
+                handles.append(unit.module.register_forward_hook(self._record_call(unit.name), with_kwargs=True))
+                continue
+            for j, layer in enumerate(unit.layers):
+                if (unit.name, j) not in self.accumulators:
+                    continue
+                base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else None
+                if isinstance(base, nn.Module) and base is not layer:
+                    handles.append(base.register_forward_hook(self._record_base_output(layer)))
+                handles.append(layer.register_forward_hook(self._score_layer((unit.name, j), layer), with_kwargs=True))
+        if self.stop_early:
+            handles.append(self.group[-1].module.register_forward_hook(self._stop_when_done))
+        return handles
+
+    def _forward(self, batch: Any) -> None:
+        self.calls.clear()
+        self.seen.clear()
+        self.base_outputs.clear()
+        self.mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        self.recording = True
+        try:
+            # use_cache=False: a forward whose blocks are rerun must not append to a KV cache
+            call_model(self.model, batch, **_no_cache(self.model, batch))
+        except _GroupDone:
+            pass
+        finally:
+            self.recording = False
+
+    def _add(self, key: tuple[str, int], output: Any, baseline: Any, args: tuple, kwargs: dict) -> None:
+        x, y = _pair_at_site(self.site, args, kwargs, output, baseline, key[0])
+        self.accumulators[key].update(x, y, _mask_for(self.mask, x))
+        self.seen.add(key[0])
+
+    def _score_recorded_calls(self) -> None:
+        """The block sites: each recorded call of a unit rerun with its adapters off (nothing at "adapter_output",
+        whose layers were scored inside the forward)."""
+        for unit in self.group:
+            for args, kwargs, output in self.calls.get(unit.name, ()):
+                with _adapters_off(unit.layers):
+                    baseline = unit.module(*args, **kwargs)
+                self._add((unit.name, 0), output, baseline, args, kwargs)
+
+    def _record_call(self, name: str):
         def hook(module, args, kwargs, output):
-            if recording[0]:
-                calls.setdefault(name, []).append((args, kwargs, output))
-                seen.add(name)
+            if self.recording:
+                self.calls.setdefault(name, []).append((args, kwargs, output))
+                self.seen.add(name)
 
         return hook
 
-    def base_recorder(layer: Any):
+    def _record_base_output(self, layer: Any):
         def hook(module, args, output):
-            if recording[0]:
-                base_out.setdefault(id(layer), []).append((output, getattr(output, "_version", None)))
+            if self.recording:
+                self.base_outputs.setdefault(id(layer), []).append((output, getattr(output, "_version", None)))
 
         return hook
 
-    def layer_scorer(key: tuple[str, int], layer: Any):
-        # Scored at once, its inputs not kept. The layer without its adapter is its base layer, whose output the
-        # call just computed: taken when the base layer ran once and its output was not changed in place since,
-        # else recomputed with the adapter switched off.
+    def _score_layer(self, key: tuple[str, int], layer: Any):
         def hook(module, args, kwargs, output):
-            if not recording[0]:
-                return
-            outs = base_out.pop(id(layer), [])
-            if len(outs) == 1 and isinstance(outs[0][0], torch.Tensor) and outs[0][0]._version == outs[0][1]:
-                baseline = outs[0][0]
-            else:
-                recording[0] = False
-                try:
-                    with _adapters_off([layer]):
-                        baseline = module(*args, **kwargs)
-                finally:
-                    recording[0] = True
-            x, y = _pair_at_site(site, args, kwargs, output, baseline, key[0])
-            accumulators[key].update(x, y, _mask_for(current_mask[0], x))
-            seen.add(key[0])
+            if self.recording:
+                self._add(key, output, self._without_adapter(layer, module, args, kwargs), args, kwargs)
 
         return hook
 
-    def stopper(module, args, output):
-        if recording[0] and len(seen) == len(group):
+    def _without_adapter(self, layer: Any, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        """The layer's output without its adapter: its base layer's from the call just made when that ran once and
+        was not changed in place since, else the call again with the adapter off (not recorded)."""
+        outputs = self.base_outputs.pop(id(layer), [])
+        if len(outputs) == 1 and isinstance(outputs[0][0], torch.Tensor) and outputs[0][0]._version == outputs[0][1]:
+            return outputs[0][0]
+        self.recording = False
+        try:
+            with _adapters_off([layer]):
+                return module(*args, **kwargs)
+        finally:
+            self.recording = True
+
+    def _stop_when_done(self, module, args, output) -> None:
+        if self.recording and len(self.seen) == len(self.group):
             raise _GroupDone
 
-    n_batches = 0
-    with preserved_state(model):
-        if per_layer:
-            handles = []
-            for u in group:
-                for j, layer in enumerate(u.layers):
-                    if (u.name, j) not in accumulators:
-                        continue
-                    base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else None
-                    if isinstance(base, nn.Module) and base is not layer:
-                        handles.append(base.register_forward_hook(base_recorder(layer)))
-                    handles.append(layer.register_forward_hook(layer_scorer((u.name, j), layer), with_kwargs=True))
-        else:
-            handles = [u.module.register_forward_hook(recorder(u.name), with_kwargs=True) for u in group]
-        if stop_early:
-            handles.append(group[-1].module.register_forward_hook(stopper))
-        try:
-            for batch in batches:
-                batch = to_device(batch, device)
-                calls.clear()
-                seen.clear()
-                base_out.clear()
-                current_mask[0] = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-                recording[0] = True
-                try:
-                    # use_cache=False: a forward whose blocks are rerun must not append to a KV cache
-                    call_model(model, batch, **_no_cache(model, batch))
-                except _GroupDone:
-                    pass
-                finally:
-                    recording[0] = False
-                n_batches += 1
-                for unit in group:  # block reruns; at "adapter_output" nothing was recorded, the layers scored already
-                    for args, kwargs, output in calls.get(unit.name, ()):
-                        with _adapters_off(unit.layers):
-                            baseline = unit.module(*args, **kwargs)
-                        x, y = _pair_at_site(site, args, kwargs, output, baseline, unit.name)
-                        accumulators[(unit.name, 0)].update(x, y, _mask_for(current_mask[0], x))
-        finally:
-            for handle in handles:
-                handle.remove()
-            calls.clear()
-            base_out.clear()
-    if n_batches == 0:
-        raise ValueError("the probe set is empty; pass at least one batch to score importance.")
-    unused = sorted({name for (name, _), acc in accumulators.items() if acc.n_seen == 0})
-    if unused:
-        raise ValueError(f"units {unused} were never called (or saw no real token) during the probe forward.")
-    few = {name: acc.n_seen for (name, _), acc in accumulators.items() if acc.n_seen < 3}
-    if few:
-        # CKA of one row is undefined (taken as 1), and two centred rows are x and -x, whose CKA is always 1: either
-        # way every unit would score 0, look unimportant and never (or always) freeze.
-        raise ValueError(
-            f"units {sorted(few)} saw {min(few.values())} real token(s) over the whole probe set; CKA says nothing "
-            "below 3 tokens (two centred tokens always give CKA 1, importance 0): give the probe set more tokens "
-            "(longer or more sequences)."
-        )
+    def check(self) -> None:
+        """Raise if a unit never ran, or saw fewer than 3 real tokens over the whole probe set."""
+        unused = sorted({name for (name, _), acc in self.accumulators.items() if acc.n_seen == 0})
+        if unused:
+            raise ValueError(f"units {unused} were never called (or saw no real token) during the probe forward.")
+        few = {name: acc.n_seen for (name, _), acc in self.accumulators.items() if acc.n_seen < 3}
+        if few:
+            # CKA of one row is undefined (taken as 1), and two centred rows are x and -x, whose CKA is always 1:
+            # either way every unit would score 0, look unimportant and never (or always) freeze.
+            raise ValueError(
+                f"units {sorted(few)} saw {min(few.values())} real token(s) over the whole probe set; CKA says "
+                "nothing below 3 tokens (two centred tokens always give CKA 1, importance 0): give the probe set "
+                "more tokens (longer or more sequences)."
+            )
 
 
 def _importance(name: str, accumulator: CKAAccumulator, precision: str) -> float:
