@@ -18,6 +18,7 @@ import peft_safe
 
 PACKAGE_DIR = os.path.dirname(peft_safe.__file__)
 MAX_MODULE_LINES = 450
+MAX_FUNCTION_LINES = 80  # a function's code, its docstring left out
 
 # What each layer may import, by the first dotted parts of the imported name. The layers below the package
 # root: core < measure < safe, tuners < callbacks < bench, plan (applications).
@@ -137,6 +138,50 @@ def test_each_layer_imports_only_what_lies_below_it(layer):
 
 def test_no_module_is_longer_than_a_few_hundred_lines():
     long = {name: n for name, path in MODULES.items() if (n := _source(path).count("\n")) > MAX_MODULE_LINES}
+    assert not long, long
+
+
+def _private_imports(name: str, path: str) -> list[str]:
+    """``from <a peft_safe module> import _name`` in ``name``: a private name of one of our modules used in another."""
+    package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(_source(path), path)):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+        source = ".".join(base + [node.module] if node.module else base) if node.level else node.module or ""
+        if source == "peft_safe" or source.startswith("peft_safe."):
+            found += [f"{name} imports {source}.{a.name}" for a in node.names
+                      if a.name.startswith("_") and not a.name.startswith("__")]
+    return found
+
+
+def test_no_private_name_is_imported_from_another_module_of_the_package():
+    offending = [line for name, path in MODULES.items() for line in _private_imports(name, path)]
+    assert not offending, offending
+
+
+def test_the_private_import_check_sees_relative_and_absolute_imports(tmp_path):
+    module = tmp_path / "budget.py"
+    module.write_text("from .truncation import _hidden, public\nfrom peft_safe.core.cka import _check\n"
+                      "from peft.tuners import _private\n")
+    assert _private_imports("peft_safe.safe.budget", str(module)) == [
+        "peft_safe.safe.budget imports peft_safe.safe.truncation._hidden",
+        "peft_safe.safe.budget imports peft_safe.core.cka._check"]
+
+
+def _function_lengths(path: str) -> Iterator[tuple[str, int]]:
+    for node in ast.walk(ast.parse(_source(path), path)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            documented = isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant)
+            start = (body[1].lineno if len(body) > 1 else body[0].end_lineno + 1) if documented else body[0].lineno
+            yield node.name, node.end_lineno - start + 1
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = {f"{name}.{function}": n for name, path in MODULES.items()
+            for function, n in _function_lengths(path) if n > MAX_FUNCTION_LINES}
     assert not long, long
 
 

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..core.budget import BlockCosts, plan_checkpointing
-from .truncation import _block_lists, _hidden_state, _replace, _requires_grad
+from .truncation import has_trainable, hidden_state_of, unit_block_lists, with_hidden_state
 
 __all__ = ["CheckpointBudget", "check_one_block_list"]
 
@@ -54,7 +54,7 @@ def check_one_block_list(safe: Any, field: str, fix: str) -> dict[str, Any]:
     Raises:
         ValueError: naming ``field`` and ``fix``.
     """
-    lists = _block_lists(safe.model, safe._units())
+    lists = unit_block_lists(safe.model, safe._units())
     if len(lists) != 1:
         raise ValueError(
             f"{field} needs the adapter units in one block list (a decoder-only or encoder-only model); this "
@@ -110,7 +110,7 @@ class CheckpointBudget:
 
     def first_live(self) -> int:
         """Index of the lowest block with a trainable parameter: the blocks below it record no graph."""
-        return next((i for i, block in enumerate(self.blocks) if _requires_grad(block)), len(self.blocks))
+        return next((i for i, block in enumerate(self.blocks) if has_trainable(block)), len(self.blocks))
 
     # ------------------------------------------------------------------ planning
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -152,7 +152,7 @@ class CheckpointBudget:
         meter = SavedTensorMeter(exclude=module)
 
         def enter(index: int, block: nn.Module, b_args: tuple, b_kwargs: dict) -> tuple[tuple, dict] | None:
-            found = _hidden_state(b_args, b_kwargs)
+            found = hidden_state_of(b_args, b_kwargs)
             if found is None:
                 return None
             where, hidden = found
@@ -161,7 +161,7 @@ class CheckpointBudget:
             # A fresh leaf, so the graph of the block below is freed. Above the first block the input requires grad,
             # as it does in training below a trainable block; the first keeps what it was given.
             leaf = hidden.detach().requires_grad_(hidden.requires_grad or index > 0)
-            return _replace(b_args, b_kwargs, where, leaf)
+            return with_hidden_state(b_args, b_kwargs, where, leaf)
 
         def leave(index: int, block: nn.Module, b_args: Any, b_kwargs: Any, output: Any) -> Any:
             saved[index] = meter.activation_bytes - before.get(index, meter.activation_bytes)

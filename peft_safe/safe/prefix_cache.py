@@ -45,7 +45,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch.nn.modules.module import register_module_forward_pre_hook
 
 from .prefix_rows import RowStore, row_keys
-from .truncation import _hidden_state, _replace, find_cut_block
+from .truncation import find_cut_block, hidden_state_of, with_hidden_state
 
 __all__ = ["PrefixCache", "row_keys"]
 
@@ -330,7 +330,7 @@ class PrefixCache:
     def _at_first_block(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if self._step is None:
             return
-        found = _hidden_state(args, kwargs)
+        found = hidden_state_of(args, kwargs)
         safe = self._safe_ref()
         if found is None or not safe._backprop_cut.feeds_no_gradient(found[1]):
             self._refuse(
@@ -351,7 +351,7 @@ class PrefixCache:
     def _skip(self, forward: Any, *args: Any, **kwargs: Any) -> Any:
         if not self._serving:
             return forward(*args, **kwargs)
-        hidden = _hidden_state(args, kwargs)[1]
+        hidden = hidden_state_of(args, kwargs)[1]
         kind = self._site["output_kind"]
         return hidden if kind == 0 else (hidden, *([None] * (kind - 1)))
 
@@ -360,7 +360,7 @@ class PrefixCache:
         self._end_forward()  # the frozen blocks have run (or been skipped): their modes and forwards come back
         if step is None:
             return None
-        found = _hidden_state(args, kwargs)
+        found = hidden_state_of(args, kwargs)
         if found is None:
             self._refuse("the lowest trainable block takes no hidden-state tensor")
             return None
@@ -372,7 +372,7 @@ class PrefixCache:
             for i, (row, length) in enumerate(zip(rows, step["lengths"])):
                 states[i, :length] = row
             self.served_forwards += 1
-            return _replace(args, kwargs, where, states.to(hidden.device))
+            return with_hidden_state(args, kwargs, where, states.to(hidden.device))
         if tuple(hidden.shape[:2]) != (batch, seq):
             self._refuse(f"the hidden states at the cut have shape {tuple(hidden.shape)}, not (batch, sequence, ...) "
                          f"= ({batch}, {seq}, ...) of the input ids")

@@ -35,10 +35,11 @@ from torch.utils.hooks import RemovableHandle
 
 from .units import AdapterUnit
 
-__all__ = ["BackpropCut", "find_cut_block", "upstream_wants_grad"]
+__all__ = ["BackpropCut", "find_cut_block", "has_trainable", "hidden_state_of", "unit_block_lists",
+           "upstream_wants_grad", "with_hidden_state"]
 
 
-def _block_lists(model: nn.Module, units: Iterable[AdapterUnit]) -> dict[str, nn.Module]:
+def unit_block_lists(model: nn.Module, units: Iterable[AdapterUnit]) -> dict[str, nn.Module]:
     """The block lists (``nn.ModuleList`` / ``nn.Sequential``) that hold whole units, by their path."""
     lists = {}
     for unit in units:
@@ -54,7 +55,8 @@ def _block_lists(model: nn.Module, units: Iterable[AdapterUnit]) -> dict[str, nn
     return lists
 
 
-def _requires_grad(module: nn.Module) -> bool:
+def has_trainable(module: nn.Module) -> bool:
+    """Whether any parameter of ``module`` requires grad (the blocks below the cut have none)."""
     return any(param.requires_grad for param in module.parameters())
 
 
@@ -74,11 +76,11 @@ def find_cut_block(model: nn.Module, units: list[AdapterUnit], frozen: Iterable[
     frozen = set(frozen)
     if not frozen:
         return None
-    lists = _block_lists(model, units)
+    lists = unit_block_lists(model, units)
     if len(lists) != 1:
         return None
     (path, blocks), = lists.items()
-    cut = next((i for i, block in enumerate(blocks) if _requires_grad(block)), None)
+    cut = next((i for i, block in enumerate(blocks) if has_trainable(block)), None)
     if cut is None or cut == 0:
         return None
     below = {f"{path}.{i}" for i in range(cut)}
@@ -134,7 +136,7 @@ def _input_embeddings(model: nn.Module) -> list[nn.Module]:
     return list(found.values())
 
 
-def _hidden_state(args: tuple, kwargs: dict) -> tuple[str | int, torch.Tensor] | None:
+def hidden_state_of(args: tuple, kwargs: dict) -> tuple[str | int, torch.Tensor] | None:
     """Where the block's hidden-state input is: the first positional tensor, or ``hidden_states=``."""
     for i, arg in enumerate(args):
         if isinstance(arg, torch.Tensor):
@@ -159,7 +161,8 @@ def _needs_grad_input(block: nn.Module) -> bool:
     return keywords.get("use_reentrant") is not False
 
 
-def _replace(args: tuple, kwargs: dict, where: str | int, value: torch.Tensor) -> tuple[tuple, dict]:
+def with_hidden_state(args: tuple, kwargs: dict, where: str | int, value: torch.Tensor) -> tuple[tuple, dict]:
+    """A block's ``(args, kwargs)`` with the hidden state at ``where`` (from :func:`hidden_state_of`) replaced."""
     if isinstance(where, int):
         return (*args[:where], value, *args[where + 1 :]), kwargs
     return args, {**kwargs, where: value}
@@ -247,27 +250,27 @@ class BackpropCut:
 
     def _detach_below(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         self._detached = False
-        found = _hidden_state(args, kwargs)
+        found = hidden_state_of(args, kwargs)
         if found is None or not torch.is_grad_enabled():
             return None
         where, hidden = found
-        if not hidden.requires_grad or any(_requires_grad(block) for block in self._below):
+        if not hidden.requires_grad or any(has_trainable(block) for block in self._below):
             return None
         embedding_outputs = [t for t in (ref() for ref in self._embedding_outputs) if t is not None]
         if upstream_wants_grad(hidden, ignored_leaves=embedding_outputs):
             return None
         self._detached = True
-        return _replace(args, kwargs, where, hidden.detach())
+        return with_hidden_state(args, kwargs, where, hidden.detach())
 
     def _regrad_cut(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         detached, self._detached = self._detached, False
-        found = _hidden_state(args, kwargs)
+        found = hidden_state_of(args, kwargs)
         if not detached or found is None or not _needs_grad_input(module):
             return None
         where, hidden = found
         if hidden.requires_grad:
             return None
-        return _replace(args, kwargs, where, hidden.detach().requires_grad_(True))
+        return with_hidden_state(args, kwargs, where, hidden.detach().requires_grad_(True))
 
     def feeds_no_gradient(self, hidden: torch.Tensor) -> bool:
         """Whether the first block's input ``hidden`` carries no gradient anybody keeps (so it is a constant).
