@@ -1,5 +1,17 @@
 """SAFEConfig: the wrapped adapter's config plus SAFE's hyper-parameters, checked when set.
 
+How it delegates, and why (three mechanisms, each at the bottom of the class or of this module):
+
+- **Reading** ``config.r``: ``__getattr__`` runs only when normal lookup fails and reads the wrapped config
+  (``adapter_config``), so a SAFEConfig answers for LoRA's fields as peft's code and users expect of "the config".
+- **Writing**: ``__setattr__`` sends a wrapped field to the wrapped config; a SAFE field set after the model was
+  built is validated, and a refused value is put back (the documented way to change tau mid-run is
+  ``model.peft_config[name].tau = ...``, so it is checked where it is set, not at the next scoring); a deprecated
+  name warns and sets the new field.
+- **Constructing**: ``SAFEConfig(r=8, target_modules=...)`` takes the wrapped config's fields as keywords, which a
+  dataclass ``__init__`` cannot; :func:`.config_fields.install_forwarding_init` replaces ``__init__`` after the
+  class is made and gives it the dataclass's signature plus those keywords, so ``help()`` and IDEs show them.
+
 Imports: peft's ``PeftConfig`` and its config mapping, ``core.schedule`` (the allowed values) and the peft type
 members; nothing that runs a model.
 """
