@@ -32,7 +32,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..core.budget import BlockCosts, plan_checkpointing
-from .truncation import has_trainable, hidden_state_of, unit_block_lists, with_hidden_state
+from .frozen_prefix import has_trainable, unit_block_lists
+from .truncation import hidden_state_of, with_hidden_state
 
 __all__ = ["CheckpointBudget", "check_one_block_list"]
 
@@ -109,7 +110,13 @@ class CheckpointBudget:
         return budget if isinstance(budget, int) else int(budget * costs.unchecked_bytes)
 
     def first_live(self) -> int:
-        """Index of the lowest block with a trainable parameter: the blocks below it record no graph."""
+        """Index of the lowest block with a trainable parameter: the blocks below it record no graph.
+
+        The tuner's frozen prefix's cut block where SAFE froze the bottom (:mod:`.frozen_prefix`); without one, the
+        leading blocks that hold no trainable parameter (adapters on the upper blocks only)."""
+        prefix = self._safe.frozen_prefix()
+        if prefix is not None:
+            return prefix.cut
         return next((i for i, block in enumerate(self.blocks) if has_trainable(block)), len(self.blocks))
 
     # ------------------------------------------------------------------ planning

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..core.state import FreezeState
+from .frozen_prefix import FrozenPrefix, locate_frozen_prefix
 from .optimizer import drop_from_optimizer
 from .units import unit_parameters
 
@@ -61,6 +62,7 @@ class FrozenUnitsMixin:
 
     _freeze_states: dict[str, FreezeState]
     _backprop_cut: Any
+    _frozen_prefix_at: tuple[Any, FrozenPrefix | None]  # (the freeze state it was located under, the prefix)
     _zero_hold: Any  # zero.ZeroHold: frozen parameters a DeepSpeed ZeRO optimizer owns, held still
     auto_driver: Any  # driver.AutoDriver
 
@@ -94,12 +96,27 @@ class FrozenUnitsMixin:
 
     def _update_backprop_cut(self) -> None:
         # Backprop stops at the lowest trainable block even when an input-require-grads hook (k-bit preparation,
-        # gradient checkpointing) keeps the chain below alive; see truncation.py.
-        state = self._freeze_states.get(self.active_adapters[0]) if self.active_adapters else None
+        # gradient checkpointing) keeps the chain below alive; see truncation.py. The freeze state was just applied:
+        # the prefix is located afresh.
+        self._frozen_prefix_at = (None, None)
+        self._backprop_cut.update(self.frozen_prefix())
+
+    def frozen_prefix(self) -> FrozenPrefix | None:
+        """The frozen bottom of the model under the active adapter's freeze state (:mod:`.frozen_prefix`): the cut
+        block and the blocks below it, which the backprop cut, the prefix cache and the memory budget read. Located
+        again when the frozen set changes, when the freeze state is applied, and when a block below the cut was
+        made trainable by hand; ``None`` when nothing SAFE froze lies below a trainable block.
+        """
+        adapter = self.active_adapters[0] if self.active_adapters else None
+        state = self._freeze_states.get(adapter) if adapter is not None else None
         if state is None or not state.frozen:
-            self._backprop_cut.remove()
-        else:
-            self._backprop_cut.update(self.model, self._units(), state.frozen)
+            return None
+        key = (adapter, id(state), frozenset(state.frozen))
+        at, prefix = getattr(self, "_frozen_prefix_at", (None, None))
+        if at != key or (prefix is not None and prefix.thawed()):
+            prefix = locate_frozen_prefix(self.model, self._units(), state.frozen)
+            self._frozen_prefix_at = (key, prefix)
+        return prefix
 
     @property
     def backprop_cut_block(self) -> str | None:

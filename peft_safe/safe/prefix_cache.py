@@ -45,7 +45,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch.nn.modules.module import register_module_forward_pre_hook
 
 from .prefix_rows import RowStore, row_keys
-from .truncation import find_cut_block, hidden_state_of, with_hidden_state
+from .truncation import hidden_state_of, with_hidden_state
 
 __all__ = ["PrefixCache", "row_keys"]
 
@@ -96,8 +96,6 @@ class PrefixCache:
         self._stopped: str | None = None  # that inputs never repeat, and caching stops until clear()
         self._full = False  # the store had no room for a row: no more are stored until the rows are dropped
         self._site: dict[str, Any] | None = None
-        self._located_key: Any = None
-        self._located: tuple[str, int] | None = None
         self._refused: str | None = None
         self._warned: set[str] = set()
         self._stale_handles: list[Any] = []
@@ -169,7 +167,6 @@ class PrefixCache:
         """Drop every stored row (memory and disk) and the hooks on the blocks; the next forward starts afresh."""
         self._drop_rows()
         self._uninstall()
-        self._located_key = None
         self._stopped = None
 
     # ------------------------------------------------------------------ the tuner's forward
@@ -251,16 +248,15 @@ class PrefixCache:
 
     # ------------------------------------------------------------------ where the cut is
     def _current_site(self, safe: Any) -> dict[str, Any] | None:
-        found = self._locate(safe)
-        if found is None:
+        prefix = safe.frozen_prefix()
+        if prefix is None:
             if self._site is not None:
                 self.clear()
             return None
-        name = f"{found[0]}.{found[1]}"
-        if self._site is None or self._site["name"] != name:
+        if self._site is None or self._site["name"] != prefix.name:
             self._drop_rows()
             self._uninstall()
-            self._install(safe, *found)
+            self._install(safe, prefix)
         site = self._site
         signature = self._signature(safe, site)
         if signature != site["signature"]:
@@ -270,25 +266,12 @@ class PrefixCache:
             self._refused = None
         return site
 
-    def _locate(self, safe: Any) -> tuple[str, int] | None:
-        state = safe._freeze_states.get(safe.active_adapters[0])
-        if state is None or not state.frozen:
-            return None
-        key = (safe.active_adapters[0], id(state), frozenset(state.frozen))
-        site = self._site
-        thawed = site is not None and any(p.requires_grad for block in site["below"] for p in block.parameters())
-        if key != self._located_key or thawed:
-            self._located_key = key
-            self._located = find_cut_block(safe.model, safe._units(), state.frozen)
-        return self._located
-
-    def _install(self, safe: Any, path: str, index: int) -> None:
-        blocks = safe.model.get_submodule(path)
-        below = [blocks[i] for i in range(index)]
+    def _install(self, safe: Any, prefix: Any) -> None:
+        path, index, blocks, below = prefix.path, prefix.cut, prefix.blocks, list(prefix.below)
         self._site = {
             # what the cut block's input depends on: the blocks below and everything outside the block list
             "above": tuple(f"{path}.{i}." for i in range(index, len(blocks))),
-            "name": f"{path}.{index}",
+            "name": prefix.name,
             "below": below,
             "layers": [m for block in below for m in block.modules() if isinstance(m, BaseTunerLayer)],
             "signature": None,

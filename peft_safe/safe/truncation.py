@@ -33,60 +33,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .units import AdapterUnit
+from .frozen_prefix import FrozenPrefix, has_trainable
 
-__all__ = ["BackpropCut", "find_cut_block", "has_trainable", "hidden_state_of", "unit_block_lists",
-           "upstream_wants_grad", "with_hidden_state"]
-
-
-def unit_block_lists(model: nn.Module, units: Iterable[AdapterUnit]) -> dict[str, nn.Module]:
-    """The block lists (``nn.ModuleList`` / ``nn.Sequential``) that hold whole units, by their path."""
-    lists = {}
-    for unit in units:
-        parent, _, index = unit.name.rpartition(".")
-        if not parent or not index.isdigit():
-            continue
-        try:
-            container = model.get_submodule(parent)
-        except AttributeError:
-            continue
-        if isinstance(container, (nn.ModuleList, nn.Sequential)) and container[int(index)] is unit.module:
-            lists[parent] = container
-    return lists
-
-
-def has_trainable(module: nn.Module) -> bool:
-    """Whether any parameter of ``module`` requires grad (the blocks below the cut have none)."""
-    return any(param.requires_grad for param in module.parameters())
-
-
-def find_cut_block(model: nn.Module, units: list[AdapterUnit], frozen: Iterable[str]) -> tuple[str, int] | None:
-    """Where backprop can stop: the block list and the index of its lowest block holding a trainable parameter.
-
-    Args:
-        model: the model holding the units.
-        units: the adapter units, input side first.
-        frozen: names of the frozen units.
-
-    Returns:
-        ``(path of the block list, index of the cut block)``, or ``None`` when there is nothing to cut: no unit
-        is frozen, no frozen unit lies below the lowest trainable block, the units are not in one block list,
-        or no block holds a trainable parameter.
-    """
-    frozen = set(frozen)
-    if not frozen:
-        return None
-    lists = unit_block_lists(model, units)
-    if len(lists) != 1:
-        return None
-    (path, blocks), = lists.items()
-    cut = next((i for i, block in enumerate(blocks) if has_trainable(block)), None)
-    if cut is None or cut == 0:
-        return None
-    below = {f"{path}.{i}" for i in range(cut)}
-    if not any(unit.name in below and unit.name in frozen for unit in units):
-        return None  # nothing SAFE froze lies below: leave the model as it was
-    return path, cut
+__all__ = ["BackpropCut", "hidden_state_of", "upstream_wants_grad", "with_hidden_state"]
 
 
 def upstream_wants_grad(tensor: torch.Tensor, ignored_leaves: Iterable[torch.Tensor] = ()) -> bool:
@@ -190,7 +139,7 @@ class BackpropCut:
 
     Example:
         >>> cut = BackpropCut()
-        >>> cut.update(model, units, frozen={"model.layers.0", "model.layers.1"})  # doctest: +SKIP
+        >>> cut.update(safe.frozen_prefix())  # doctest: +SKIP
         >>> cut.block_name  # doctest: +SKIP
         'model.layers.2'
     """
@@ -206,30 +155,22 @@ class BackpropCut:
         # weak references cannot be pickled (torch.save of a whole model, deepcopy); they only matter mid-forward
         return {**self.__dict__, "_embedding_outputs": [], "_detached": False}
 
-    def update(self, model: nn.Module, units: list[AdapterUnit], frozen: Iterable[str]) -> str | None:
-        """Move the hooks to the lowest trainable block under the current freeze state, or remove them.
-
-        Args:
-            model: the model holding the units (``SAFEModel.model``).
-            units: the adapter units of the active SAFE adapter, input side first.
-            frozen: names of its frozen units.
+    def update(self, prefix: FrozenPrefix | None) -> str | None:
+        """Move the hooks to the cut block of ``prefix`` (the tuner's :meth:`frozen_prefix`), or remove them.
 
         Returns:
             The name of the cut block, or ``None`` when no hook is installed.
         """
-        found = find_cut_block(model, units, frozen)
-        name = None if found is None else f"{found[0]}.{found[1]}"
+        name = None if prefix is None else prefix.name
         if name == self.block_name:
             return name
         self.remove()
-        if found is None:
+        if prefix is None:
             return None
-        path, index = found
-        blocks = model.get_submodule(path)
-        self._below = [blocks[i] for i in range(index)]
-        self._handles.append(blocks[0].register_forward_pre_hook(self._detach_below, with_kwargs=True))
-        self._handles.append(blocks[index].register_forward_pre_hook(self._regrad_cut, with_kwargs=True))
-        for embeddings in _input_embeddings(model):
+        self._below = list(prefix.below)
+        self._handles.append(prefix.blocks[0].register_forward_pre_hook(self._detach_below, with_kwargs=True))
+        self._handles.append(prefix.blocks[prefix.cut].register_forward_pre_hook(self._regrad_cut, with_kwargs=True))
+        for embeddings in _input_embeddings(prefix.model):
             self._handles.append(embeddings.register_forward_hook(self._note_embedding_output))
         self.block_name = name
         return name

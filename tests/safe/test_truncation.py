@@ -18,6 +18,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from peft_safe.measure import measure_training_step
+from peft_safe.safe.frozen_prefix import locate_frozen_prefix
 from peft_safe.safe.truncation import _needs_grad_input, upstream_wants_grad
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
@@ -228,7 +229,7 @@ def test_update_with_nothing_frozen_removes_the_hooks(tiny):
     assert len(model.get_input_embeddings()._forward_hooks) == embedding_hooks + 1
     assert cut._handles and cut.block_name == "model.layers.1"
     assert blocks(model)[0]._forward_pre_hooks and blocks(model)[1]._forward_pre_hooks
-    assert cut.update(safe.model, safe._units(), set()) is None
+    assert cut.update(locate_frozen_prefix(safe.model, safe._units(), set())) is None
     assert not cut._handles and cut.block_name is None
     assert not any(block._forward_pre_hooks for block in blocks(model))
     assert len(model.get_input_embeddings()._forward_hooks) == embedding_hooks
@@ -343,3 +344,22 @@ def test_model_with_a_cut_copies_and_the_copy_cuts_its_own_blocks(tiny, how, mod
     ids = batch(tiny)["input_ids"]
     clone(input_ids=ids, labels=ids).loss.backward()
     assert [seen[i] for i in range(LAYERS)] == [False] * cut + [True] * (LAYERS - cut)
+
+
+def test_the_cut_the_prefix_cache_and_the_budget_read_the_tuners_one_frozen_prefix(tiny):
+    base = tiny.llama(layers=4).train()
+    torch.manual_seed(1)
+    model = get_peft_model(base, tiny.safe_config("llama", cache_frozen=True, memory_budget=0.9))
+    safe = model.base_model
+    assert safe.frozen_prefix() is None  # nothing frozen
+    safe.freeze(safe.adapter_units[:2])
+    prefix = safe.frozen_prefix()
+    assert (prefix.name, prefix.cut) == ("model.layers.2", 2) and safe.frozen_prefix() is prefix  # located once
+    assert [id(b) for b in prefix.below] == [id(b) for b in blocks(model)[:2]] and len(prefix.live) == 2
+    model(**tiny.batch(), labels=tiny.ids()).loss.backward()  # the cache installs its hooks at a training forward
+    assert safe.backprop_cut_block == prefix.name == safe.prefix_cache._site["name"]
+    assert safe.checkpoint_budget.first_live() == prefix.cut
+    for param in blocks(model)[1].parameters():  # a block below the cut made trainable by hand: located again
+        param.requires_grad_(True)
+    again = safe.frozen_prefix()
+    assert again is not prefix and again.cut == 1 and safe.checkpoint_budget.first_live() == 1
