@@ -48,6 +48,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..batch import real_tokens
 from ..reporting import find_on_stack, find_trainer, follow_transformers_verbosity, log_to_trainer
+from . import hooks
 from .distributed import check_ddp, check_trainer_ddp
 from .trainer_clock import PROBE_FILE, attach_clock, load_probe, save_probe
 from .units import unit_parameters
@@ -165,10 +166,10 @@ class AutoDriver:
         self._transient()
         # A PeftModel without task_type calls the wrapped model, not the tuner; with one, the tuner's forward calls
         # the wrapped model: the outermost of the two acts (the tuner's, before the prefix cache's hook there).
-        self._handles = (
-            safe.register_forward_pre_hook(self._on_tuner_forward, with_kwargs=True),
-            safe.register_forward_hook(self._after_tuner_forward, always_call=True),
-            safe.model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True),
+        self._handles = (  # first on both modules (hooks.ORDER): the parts after it see the cut a freeze moved
+            hooks.add("driver", safe, "pre", self._on_tuner_forward),
+            hooks.add("driver", safe, "post_always", self._after_tuner_forward),
+            hooks.add("driver", safe.model, "pre", self._on_model_forward),
         )
 
     def _transient(self) -> None:

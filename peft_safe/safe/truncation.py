@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
+from . import hooks
 from .frozen_prefix import FrozenPrefix, has_trainable
 
 __all__ = ["BackpropCut", "hidden_state_of", "upstream_wants_grad", "with_hidden_state"]
@@ -146,7 +146,7 @@ class BackpropCut:
 
     def __init__(self) -> None:
         self.block_name: str | None = None
-        self._handles: list[RemovableHandle] = []
+        self._handles: list[Any] = []  # hooks.add's handles
         self._below: list[nn.Module] = []
         self._embedding_outputs: list[weakref.ref] = []
         self._detached = False  # whether the first block's input was detached in the current forward
@@ -168,10 +168,10 @@ class BackpropCut:
         if prefix is None:
             return None
         self._below = list(prefix.below)
-        self._handles.append(prefix.blocks[0].register_forward_pre_hook(self._detach_below, with_kwargs=True))
-        self._handles.append(prefix.blocks[prefix.cut].register_forward_pre_hook(self._regrad_cut, with_kwargs=True))
+        self._handles.append(hooks.add("backprop_cut", prefix.blocks[0], "pre", self._detach_below))
+        self._handles.append(hooks.add("backprop_cut", prefix.blocks[prefix.cut], "pre", self._regrad_cut))
         for embeddings in _input_embeddings(prefix.model):
-            self._handles.append(embeddings.register_forward_hook(self._note_embedding_output))
+            self._handles.append(hooks.add("backprop_cut", embeddings, "post", self._note_embedding_output))
         self.block_name = name
         return name
 

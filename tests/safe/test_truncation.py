@@ -18,6 +18,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from peft_safe.measure import measure_training_step
+from peft_safe.safe import hooks as safe_hooks
 from peft_safe.safe.frozen_prefix import locate_frozen_prefix
 from peft_safe.safe.truncation import _needs_grad_input, upstream_wants_grad
 
@@ -334,7 +335,7 @@ def test_model_with_a_cut_copies_and_the_copy_cuts_its_own_blocks(tiny, how, mod
     inner = model.base_model.model
     clone = copy.deepcopy(inner) if how == "deepcopy" else pickle.loads(pickle.dumps(inner))
     clone_blocks = clone.model.layers
-    hooks = [hook for block in clone_blocks for hook in block._forward_pre_hooks.values()]
+    hooks = [fn for block in clone_blocks for _, fn in safe_hooks.callbacks(block, "pre")]
     owners = {id(hook.__self__) for hook in hooks}
     assert len(owners) == 1 and id(model.base_model._backprop_cut) not in owners
     assert all(b is c for b, c in zip(hooks[0].__self__._below, clone_blocks[:cut]))
