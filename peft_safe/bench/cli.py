@@ -93,6 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SAFE run: cache the hidden states entering the lowest trainable block per example and skip "
                         "the frozen blocks once every example of a batch is cached (SAFEConfig.cache_frozen; pays "
                         "only over several epochs)")
+    _add_comparison_flags(p)
+    p.add_argument("--measure-every", type=int, default=5, help="measure memory every N steps")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="write config, per-seed results, memory series and importance history here")
+    p.add_argument("--summary-json", help="write the report without its per-step series here (small enough to "
+                                          "commit, e.g. under docs/results/)")
+    p.add_argument("--plots", help="folder for the PNG plots (default: the JSON's folder, else ./bench_out)")
+    p.add_argument("--no-plots", action="store_true", help="write no plots")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no log lines")
+    return p
+
+
+def _add_comparison_flags(p: argparse.ArgumentParser) -> None:
+    """The regime, the competitors run beside SAFE, and which of a seed's runs this process makes."""
     p.add_argument("--regime", choices=("short", "paper"), default="short",
                    help="short: the defaults below (6 epochs on 2,000 reviews); paper: the paper's long regime on "
                         "these machines (MiniLM: 1,000 reviews x 30 epochs, 2,000 test reviews, linear LR decay; "
@@ -105,15 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a sweep point: SAFE (and any --baseline) only, without the plain adapter run; peft-safe "
                         "frontier pairs it with the plain run of the same seed in another summary of the same task "
                         "and flags (times are not compared across processes)")
-    p.add_argument("--measure-every", type=int, default=5, help="measure memory every N steps")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", help="write config, per-seed results, memory series and importance history here")
-    p.add_argument("--summary-json", help="write the report without its per-step series here (small enough to "
-                                          "commit, e.g. under docs/results/)")
-    p.add_argument("--plots", help="folder for the PNG plots (default: the JSON's folder, else ./bench_out)")
-    p.add_argument("--no-plots", action="store_true", help="write no plots")
-    p.add_argument("--quiet", action="store_true", help="no progress bar and no log lines")
-    return p
+    p.add_argument("--no-safe", action="store_true",
+                   help="leave out the SAFE run (with --no-plain: the --baseline runs only, a seed's work split "
+                        "over processes); prefix:K@safe then takes T from --safe-freeze-step")
+    p.add_argument("--safe-freeze-step", type=int, default=None, metavar="T",
+                   help="with --no-safe: SAFE's first freeze step on this seed (its summary's freeze_steps), which "
+                        "prefix:K@safe baselines freeze at")
 
 
 # --regime paper (issue 24): the paper's GLUE runs last 50-100 epochs and its LLaMA-2 run 3 epochs; these are the
@@ -171,6 +182,16 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         args.baselines = list(dict.fromkeys(parse_baseline(spec) for spec in args.baseline))
     except ValueError as error:
         parser.error(str(error))
+    at_safe = any(b.kind == "prefix" and b.at is None for b in args.baselines)
+    if args.no_safe and at_safe and args.safe_freeze_step is None:
+        parser.error("--baseline prefix:K@safe takes SAFE's first freeze step from the SAFE run, which --no-safe "
+                     "leaves out; give it with --safe-freeze-step T (the earliest of freeze_steps in SAFE's run of "
+                     "this seed, in its summary), or a fixed step, prefix:K@T.")
+    if args.safe_freeze_step is not None and (not args.no_safe or args.seeds != 1 or args.safe_freeze_step < 1):
+        parser.error(f"--safe-freeze-step stands for the SAFE run of one seed that --no-safe leaves out: give it with "
+                     f"--no-safe and --seeds 1, as a step >= 1 (got {args.safe_freeze_step}).")
+    if args.no_safe and args.no_plain and not args.baselines:
+        parser.error("--no-safe with --no-plain leaves nothing to run; add a --baseline.")
     if any(b.kind == "top" for b in args.baselines) and set(args.adapters) - {"lora", "adalora"}:
         parser.error(f"--baseline top:K places the adapter with peft's layers_to_transform, which lora and adalora "
                      f"have; drop it or run --adapters lora (got {','.join(args.adapters)}).")
@@ -242,11 +263,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             for adapter in args.adapters:
                 safe_config(adapter_config(adapter, args, total_steps, task_type), args, total_steps, task_type)
         for adapter in args.adapters:
-            if args.no_plain:  # a sweep point: the plain run of this seed is in another summary
-                safe, safe_meter = run_one(task, adapter, True, args, seed)
-                after = safe_meter.last_change or 0
-                safe["memory"] = safe_meter.summary(after_step=after).to_dict()
-                results += [safe, *run_baselines(task, adapter, args, seed, safe, after)]
+            if args.no_plain or args.no_safe:  # a seed's work split over processes (summaries frontier pairs)
+                results += _partial_seed(task, adapter, args, seed)
                 continue
             baseline, base_meter = run_one(task, adapter, False, args, seed)
             safe_args = args
@@ -273,12 +291,28 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     return {"config": config, "summary": summarize(results), "results": results}
 
 
-def run_baselines(task: Any, adapter: str, args: argparse.Namespace, seed: int, safe: dict[str, Any],
+def _partial_seed(task: Any, adapter: str, args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
+    """The runs of a seed that ``--no-plain`` / ``--no-safe`` leave, each measured after its own last change."""
+    runs, safe, after = [], None, 0
+    for use_safe in (False, True):
+        if (args.no_plain and not use_safe) or (args.no_safe and use_safe):
+            continue
+        result, meter = run_one(task, adapter, use_safe, args, seed)
+        after = meter.last_change or 0 if use_safe else after
+        result["memory"] = meter.summary(after_step=meter.last_change or 0).to_dict()
+        runs.append(result)
+        safe = result if use_safe else safe
+    return runs + run_baselines(task, adapter, args, seed, safe, after)
+
+
+def run_baselines(task: Any, adapter: str, args: argparse.Namespace, seed: int, safe: dict[str, Any] | None,
                   after: int) -> list[dict[str, Any]]:
     """The ``--baseline`` runs of one seed and adapter, each measured after its own last change (else SAFE's)."""
     runs = []
     for spec in getattr(args, "baselines", []):
         freeze_at = spec.at
+        if spec.kind == "prefix" and freeze_at is None and safe is None:  # --no-safe: the step given for it
+            freeze_at = args.safe_freeze_step
         if spec.kind == "prefix" and freeze_at is None:
             steps = [t for t in safe["freeze_steps"].values() if t is not None]
             if not steps:

@@ -32,8 +32,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..core.budget import BlockCosts, plan_checkpointing
-from . import hooks
 from .frozen_prefix import has_trainable, unit_block_lists
+from .hooks import add_hook
 from .truncation import hidden_state_of, with_hidden_state
 
 __all__ = ["CheckpointBudget", "check_one_block_list"]
@@ -92,7 +92,7 @@ class CheckpointBudget:
         self.predicted_bytes: int | None = None
         self._measuring = False
         self._warned_for: tuple | None = None
-        self._handle = hooks.add("budget", safe.model, "pre", self._before_forward)  # after the driver's freeze
+        self._handle = add_hook("budget", safe.model, "pre", self._before_forward)  # after the driver's freeze
 
     def remove(self) -> None:
         """Stop planning; the blocks keep their current flags."""

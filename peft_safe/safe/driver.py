@@ -48,8 +48,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..batch import real_tokens
 from ..reporting import find_on_stack, find_trainer, follow_transformers_verbosity, log_to_trainer
-from . import hooks
 from .distributed import check_ddp, check_trainer_ddp
+from .hooks import add_hook
 from .trainer_clock import PROBE_FILE, attach_clock, load_probe, save_probe
 from .units import unit_parameters
 
@@ -167,9 +167,9 @@ class AutoDriver:
         # A PeftModel without task_type calls the wrapped model, not the tuner; with one, the tuner's forward calls
         # the wrapped model: the outermost of the two acts (the tuner's, before the prefix cache's hook there).
         self._handles = (  # first on both modules (hooks.ORDER): the parts after it see the cut a freeze moved
-            hooks.add("driver", safe, "pre", self._on_tuner_forward),
-            hooks.add("driver", safe, "post_always", self._after_tuner_forward),
-            hooks.add("driver", safe.model, "pre", self._on_model_forward),
+            add_hook("driver", safe, "pre", self._on_tuner_forward),
+            add_hook("driver", safe, "post_always", self._after_tuner_forward),
+            add_hook("driver", safe.model, "pre", self._on_model_forward),
         )
 
     def _transient(self) -> None:

@@ -18,7 +18,7 @@ owner (:data:`ORDER`)   what it hooks, and why it runs where it does
                         after the driver's freeze (:mod:`.budget`)
 ======================  =========================================================================================
 
-Each (module, kind) gets one torch hook (a slot) through :func:`add`, which calls the owners' callbacks in
+Each (module, kind) gets one torch hook (a slot) through :func:`add_hook`, which calls the owners' callbacks in
 :data:`ORDER`; removing an owner's last callback from a slot removes the torch hook. Kinds: ``"pre"``
 (``fn(module, args, kwargs)``, may return new ``(args, kwargs)``), ``"post"`` (``fn(module, args, output)``, may
 return a new output) and ``"post_always"`` (the same, run even when the forward raised).
@@ -37,7 +37,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["KINDS", "ORDER", "add", "callbacks", "owners"]
+__all__ = ["KINDS", "ORDER", "add_hook", "callbacks", "owners"]
 
 #: The owners, in the order their callbacks run on any one module.
 ORDER = ("driver", "prefix_cache", "backprop_cut", "budget")
@@ -109,7 +109,7 @@ def _slot_of(module: nn.Module, kind: str) -> _Slot | None:
     return next((h for h in hooks.values() if isinstance(h, _Slot) and h.kind == kind), None)
 
 
-def add(owner: str, module: nn.Module, kind: str, fn: Callable[..., Any]) -> _Handle:
+def add_hook(owner: str, module: nn.Module, kind: str, fn: Callable[..., Any]) -> _Handle:
     """Run ``fn`` as ``owner``'s ``kind`` hook on ``module``, at ``owner``'s place in :data:`ORDER`.
 
     Returns:

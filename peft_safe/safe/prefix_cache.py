@@ -44,7 +44,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch.nn.modules.module import register_module_forward_pre_hook
 
-from . import hooks
+from .hooks import add_hook
 from .prefix_rows import RowStore, row_keys
 from .truncation import hidden_state_of, with_hidden_state
 
@@ -81,8 +81,8 @@ class PrefixCache:
         # On the tuner (peft's task models call it) and on the model it wraps (a PeftModel without a task type calls
         # that directly; the tuner's forward calls model.forward, which runs no hook): the outermost one acts.
         for module in (safe, safe.model):
-            hooks.add("prefix_cache", module, "pre", self._before)
-            hooks.add("prefix_cache", module, "post_always", self._after)
+            add_hook("prefix_cache", module, "pre", self._before)
+            add_hook("prefix_cache", module, "post_always", self._after)
 
     def _counters(self) -> None:
         self.forwards = 0  # keyable training forwards while a cut existed
@@ -280,10 +280,10 @@ class PrefixCache:
             "upstream": None,
             "members": {id(m) for m in safe.model.modules()},
             "handles": [
-                hooks.add("prefix_cache", blocks[0], "pre", self._at_first_block),
-                hooks.add("prefix_cache", blocks[0], "post", self._note_output),
+                add_hook("prefix_cache", blocks[0], "pre", self._at_first_block),
+                add_hook("prefix_cache", blocks[0], "post", self._note_output),
                 # before the backprop cut's hook there (hooks.ORDER): the cut then sees the states served here
-                hooks.add("prefix_cache", blocks[index], "pre", self._at_cut),
+                add_hook("prefix_cache", blocks[index], "pre", self._at_cut),
             ],
         }
         self._refused = None

@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import hooks
 from .frozen_prefix import FrozenPrefix, has_trainable
+from .hooks import add_hook
 
 __all__ = ["BackpropCut", "hidden_state_of", "upstream_wants_grad", "with_hidden_state"]
 
@@ -146,7 +146,7 @@ class BackpropCut:
 
     def __init__(self) -> None:
         self.block_name: str | None = None
-        self._handles: list[Any] = []  # hooks.add's handles
+        self._handles: list[Any] = []  # add_hook's handles
         self._below: list[nn.Module] = []
         self._embedding_outputs: list[weakref.ref] = []
         self._detached = False  # whether the first block's input was detached in the current forward
@@ -168,10 +168,10 @@ class BackpropCut:
         if prefix is None:
             return None
         self._below = list(prefix.below)
-        self._handles.append(hooks.add("backprop_cut", prefix.blocks[0], "pre", self._detach_below))
-        self._handles.append(hooks.add("backprop_cut", prefix.blocks[prefix.cut], "pre", self._regrad_cut))
+        self._handles.append(add_hook("backprop_cut", prefix.blocks[0], "pre", self._detach_below))
+        self._handles.append(add_hook("backprop_cut", prefix.blocks[prefix.cut], "pre", self._regrad_cut))
         for embeddings in _input_embeddings(prefix.model):
-            self._handles.append(hooks.add("backprop_cut", embeddings, "post", self._note_embedding_output))
+            self._handles.append(add_hook("backprop_cut", embeddings, "post", self._note_embedding_output))
         self.block_name = name
         return name
 

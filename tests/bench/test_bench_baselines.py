@@ -151,3 +151,29 @@ def test_a_sweep_point_has_no_memory_budget_to_take_from_a_plain_run(assets, tin
     with pytest.raises(SystemExit) as info:
         main(tiny_argv(assets, tmp_path, "--no-plain", "--safe-memory-budget", "0.5"))
     assert info.value.code == 2 and "--no-plain" in capsys.readouterr().err
+
+
+def test_a_seeds_baselines_run_alone_reproduce_the_ones_run_beside_safe(report, assets, tiny_argv):
+    # --no-plain --no-safe: a seed's work split over processes, the prefix frozen at the step SAFE froze at
+    (safe,) = [r for r in report["results"] if r["safe"]]
+    first = min(safe["freeze_steps"].values())
+    out = assets["root"] / "split"
+    argv = tiny_argv(assets, out, "--no-plain", "--no-safe", "--baseline", "prefix:1@safe", "--safe-freeze-step",
+                     str(first), "--no-plots")
+    assert main(argv) == 0
+    (alone,) = json.loads((out / "bench.json").read_text())["results"]
+    (beside,) = runs(report, "prefix:1@safe")
+    assert alone["variant"] == "prefix:1@safe" and alone["freeze_at"] == first
+    for key in ("metric", "loss_series", "frozen_units", "total_flops"):
+        assert alone[key] == beside[key], key
+
+
+@pytest.mark.parametrize("flags, words", [
+    (("--no-safe", "--baseline", "prefix:1@safe"), "--safe-freeze-step"),
+    (("--safe-freeze-step", "4"), "--no-safe"),
+    (("--no-safe", "--no-plain"), "nothing to run"),
+])
+def test_split_runs_without_what_they_need_are_refused(assets, tiny_argv, tmp_path, capsys, flags, words):
+    with pytest.raises(SystemExit) as info:
+        main(tiny_argv(assets, tmp_path, *flags))
+    assert info.value.code == 2 and words in capsys.readouterr().err

@@ -61,9 +61,9 @@ def test_pre_hooks_thread_their_arguments_and_post_hooks_their_output_in_order()
     def step(owner, change):
         return lambda m, a, k: seen.append((owner, a[0].tolist())) or ((change(a[0]),), k)
 
-    late = hooks.add("budget", layer, "pre", step("budget", lambda x: x * 3))
-    hooks.add("driver", layer, "pre", step("driver", lambda x: x + 1))
-    hooks.add("backprop_cut", layer, "post", lambda m, a, out: out * 10)
+    late = hooks.add_hook("budget", layer, "pre", step("budget", lambda x: x * 3))
+    hooks.add_hook("driver", layer, "pre", step("driver", lambda x: x + 1))
+    hooks.add_hook("backprop_cut", layer, "post", lambda m, a, out: out * 10)
     out = layer(torch.zeros(1, 2))
     assert seen == [("driver", [[0.0, 0.0]]), ("budget", [[1.0, 1.0]])]  # the driver first though added second
     assert out.tolist() == [[30.0, 30.0]]
@@ -73,6 +73,6 @@ def test_pre_hooks_thread_their_arguments_and_post_hooks_their_output_in_order()
 
 def test_an_unknown_owner_or_kind_is_refused_naming_the_order():
     with pytest.raises(ValueError, match="ORDER"):
-        hooks.add("profiler", nn.Linear(2, 2), "pre", lambda *a: None)
+        hooks.add_hook("profiler", nn.Linear(2, 2), "pre", lambda *a: None)
     with pytest.raises(ValueError, match="post_always"):
-        hooks.add("driver", nn.Linear(2, 2), "backward", lambda *a: None)
+        hooks.add_hook("driver", nn.Linear(2, 2), "backward", lambda *a: None)
