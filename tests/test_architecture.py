@@ -170,6 +170,18 @@ def test_the_private_import_check_sees_relative_and_absolute_imports(tmp_path):
         "peft_safe.safe.budget imports peft_safe.core.cka._check"]
 
 
+# The tuner's own modules (the class and its mixin); every other module sees it through safe/tuner_view.py.
+TUNER_MODULES = ("peft_safe.safe.model", "peft_safe.safe.freezing")
+
+
+def test_no_part_of_the_tuner_reads_a_private_member_of_it():
+    import re
+
+    offending = [f"{name}: {m.group(0)}" for name, path in MODULES.items() if name not in TUNER_MODULES
+                 for m in re.finditer(r"\bsafe(?:_model)?\._[a-z]\w*", _source(path))]
+    assert not offending, offending
+
+
 def _function_lengths(path: str) -> Iterator[tuple[str, int]]:
     for node in ast.walk(ast.parse(_source(path), path)):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):

@@ -35,6 +35,7 @@ from ..core.budget import BlockCosts, plan_checkpointing
 from .frozen_prefix import has_trainable, unit_block_lists
 from .hooks import add_hook
 from .truncation import hidden_state_of, with_hidden_state
+from .tuner_view import TunerView
 
 __all__ = ["CheckpointBudget", "check_one_block_list"]
 
@@ -50,13 +51,13 @@ def _tokens(args: tuple, kwargs: dict) -> int:
     return 1
 
 
-def check_one_block_list(safe: Any, field: str, fix: str) -> dict[str, Any]:
+def check_one_block_list(safe: TunerView, field: str, fix: str) -> dict[str, Any]:
     """The model's one block list holding adapter units, by path; refused for two (T5, BART: no frozen prefix).
 
     Raises:
         ValueError: naming ``field`` and ``fix``.
     """
-    lists = unit_block_lists(safe.model, safe._units())
+    lists = unit_block_lists(safe.model, safe.units())
     if len(lists) != 1:
         raise ValueError(
             f"{field} needs the adapter units in one block list (a decoder-only or encoder-only model); this "
@@ -76,7 +77,7 @@ class CheckpointBudget:
         predicted_bytes: the planned step's predicted saved-activation peak (None before the first plan).
     """
 
-    def __init__(self, safe: Any) -> None:
+    def __init__(self, safe: TunerView) -> None:
         lists = check_one_block_list(safe, "memory_budget", "memory_budget=None, or checkpoint it yourself with "
                                                             "gradient_checkpointing_enable()")
         (self.path, blocks), = lists.items()

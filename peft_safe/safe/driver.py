@@ -51,6 +51,7 @@ from ..reporting import find_on_stack, find_trainer, follow_transformers_verbosi
 from .distributed import check_ddp, check_trainer_ddp
 from .hooks import add_hook
 from .trainer_clock import PROBE_FILE, attach_clock, load_probe, save_probe
+from .tuner_view import TunerView
 from .units import unit_parameters
 
 __all__ = ["MAX_PROBE_BATCHES", "PROBE_FILE", "AutoDriver", "check_trainer_schedule", "progress_record",
@@ -62,7 +63,7 @@ logger = logging.getLogger(__name__)
 MAX_PROBE_BATCHES = 8
 
 
-def progress_record(safe: Any, t: float, newly: list[str]) -> dict[str, Any]:
+def progress_record(safe: TunerView, t: float, newly: list[str]) -> dict[str, Any]:
     """The ``safe/*`` log entry of one scoring at time ``t``: threshold, frozen count, importance per unit."""
     return {
         "safe/t": t,
@@ -74,7 +75,7 @@ def progress_record(safe: Any, t: float, newly: list[str]) -> dict[str, Any]:
     }
 
 
-def _cache_record(safe: Any) -> dict[str, Any]:
+def _cache_record(safe: TunerView) -> dict[str, Any]:
     """The prefix cache's figures (``cache_frozen=True`` only): hit rate, rows and bytes held, forwards served."""
     cache = getattr(safe, "prefix_cache", None)
     stats = cache.stats() if cache is not None else {}
@@ -89,7 +90,7 @@ def _cache_record(safe: Any) -> dict[str, Any]:
     return {key: value for key, value in figures.items() if value is not None}
 
 
-def score_if_due(safe: Any, t: float | None, probe: list[Any], optimizer: Any) -> list[str] | None:
+def score_if_due(safe: TunerView, t: float | None, probe: list[Any], optimizer: Any) -> list[str] | None:
     """``update_and_freeze(t, probe, optimizer)`` when ``t`` ends a scoring interval not yet scored, else ``None``.
 
     The one decision of when to score, shared by :class:`SAFECallback` and the automatic schedule.
@@ -158,7 +159,7 @@ def _kept(value: Any) -> Any:
 class AutoDriver:
     """The automatic schedule of one :class:`~peft_safe.SAFEModel` (``safe.auto_driver``)."""
 
-    def __init__(self, safe: Any) -> None:
+    def __init__(self, safe: TunerView) -> None:
         self.active = True
         self.reason: str | None = None  # why it stood down
         self.steps = 0  # optimizer steps seen (the plain loop's clock)
@@ -259,7 +260,7 @@ class AutoDriver:
         if self.active:
             self._keep(safe, args, kwargs)
 
-    def _adapters_disabled(self, safe: Any) -> bool:
+    def _adapters_disabled(self, safe: TunerView) -> bool:
         layer = self._tuner_layer() if self._tuner_layer is not None else None
         if layer is None:
             layer = next((m for m in safe.model.modules() if isinstance(m, BaseTunerLayer)), None)
@@ -269,7 +270,7 @@ class AutoDriver:
         return bool(layer.disable_adapters)
 
     # ------------------------------------------------------------------ the Trainer's clock
-    def _follow_trainer(self, trainer: Any, safe: Any) -> None:
+    def _follow_trainer(self, trainer: Any, safe: TunerView) -> None:
         self._trainer_ref = weakref.ref(trainer)
         self._pending = False
         follow_transformers_verbosity()
@@ -305,7 +306,7 @@ class AutoDriver:
             save_probe(trainer, self.probe)
 
     # ------------------------------------------------------------------ the plain loop's clock
-    def _start_loop(self, safe: Any) -> None:
+    def _start_loop(self, safe: TunerView) -> None:
         self._loop_started = True
         follow_transformers_verbosity()
         config = safe.safe_config
@@ -345,18 +346,18 @@ class AutoDriver:
             return  # under a Trainer its own step is the clock
         holds = self._holders.get(optimizer)
         if holds is None:
-            ids = {id(p) for unit in safe._units() for p in unit_parameters(unit, safe.safe_adapter_name)}
+            ids = {id(p) for unit in safe.units() for p in unit_parameters(unit, safe.safe_adapter_name)}
             holds = any(id(p) in ids for group in optimizer.param_groups for p in group["params"])
             self._holders[optimizer] = holds
         if holds:  # not another optimizer (a critic, a discriminator...)
             if optimizer is not self.optimizer:  # a new one, built before the last freeze: it keeps no frozen unit
-                safe._apply_freeze_state(optimizer)
+                safe.apply_freeze_state(optimizer)
             self._optimizer_ref = weakref.ref(optimizer)
             self.steps += 1
             self._pending = True
 
     # ------------------------------------------------------------------ acting
-    def _act(self, safe: Any, t: float, optimizer: Any, trainer: Any = None) -> None:
+    def _act(self, safe: TunerView, t: float, optimizer: Any, trainer: Any = None) -> None:
         self.acting = True
         try:
             newly = score_if_due(safe, t, self.probe, optimizer)
@@ -369,7 +370,7 @@ class AutoDriver:
         logger.info("SAFE t=%s frozen %d/%d units%s", t, len(safe.frozen_units), len(safe.adapter_units),
                     f" (new: {newly})" if newly else "")
 
-    def _keep(self, safe: Any, args: tuple, kwargs: dict) -> None:
+    def _keep(self, safe: TunerView, args: tuple, kwargs: dict) -> None:
         budget = safe.safe_config.probe_tokens
         if len(self.probe) >= MAX_PROBE_BATCHES or self._probe_tokens >= budget:
             return

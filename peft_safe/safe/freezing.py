@@ -13,7 +13,8 @@ Under DeepSpeed ZeRO the frozen parameters are also held still (:mod:`.zero`), t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from torch import nn
 from ..core.state import FreezeState
 from .frozen_prefix import FrozenPrefix, locate_frozen_prefix
 from .optimizer import drop_from_optimizer
-from .units import unit_parameters
+from .units import AdapterUnit, unit_parameters
 
 __all__ = ["FrozenUnitsMixin", "check_something_trains", "drop_package_hooks"]
 
@@ -117,6 +118,32 @@ class FrozenUnitsMixin:
             prefix = locate_frozen_prefix(self.model, self._units(), state.frozen)
             self._frozen_prefix_at = (key, prefix)
         return prefix
+
+    # ------------------------------------------------------------------ the parts' view (tuner_view.TunerView)
+    def units(self, adapter_name: str | None = None) -> list[AdapterUnit]:
+        """The adapter units of ``adapter_name`` (default: the active SAFE adapter), input side first: each with its
+        block module and adapted layers."""
+        return self._units(adapter_name)
+
+    @property
+    def freeze_states(self) -> Mapping[str, FreezeState]:
+        """Every adapter's :class:`FreezeState`, read-only (``freeze_state`` is the active adapter's)."""
+        return MappingProxyType(self._freeze_states)
+
+    def set_freeze_state(self, adapter_name: str, state: FreezeState) -> None:
+        """Replace an adapter's freeze state (a loaded checkpoint's) and apply it: units it does not freeze that the
+        old one did train again, unless the adapter is loaded for inference."""
+        self._replace_freeze_state(adapter_name, state)
+
+    def apply_freeze_state(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Apply the freeze states again: ``requires_grad`` off on every frozen unit, and their state dropped from
+        ``optimizer`` (one built before the last freeze)."""
+        self._apply_freeze_state(optimizer)
+
+    @property
+    def backprop_cut(self) -> Any:
+        """The :class:`~peft_safe.safe.truncation.BackpropCut` (where backprop stops, whether an input is constant)."""
+        return self._backprop_cut
 
     @property
     def backprop_cut_block(self) -> str | None:

@@ -47,6 +47,7 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 from .hooks import add_hook
 from .prefix_rows import RowStore, row_keys
 from .truncation import hidden_state_of, with_hidden_state
+from .tuner_view import TunerView
 
 __all__ = ["PrefixCache", "row_keys"]
 
@@ -59,7 +60,7 @@ def _autocast_state() -> tuple:
     )
 
 
-def _active_config(safe: Any) -> Any:
+def _active_config(safe: TunerView) -> Any:
     """The active adapter's config of the SAFE tuner, or None (the tuner is gone or has no active adapter)."""
     return safe.peft_config.get(safe.active_adapters[0]) if safe is not None and safe.active_adapters else None
 
@@ -74,7 +75,7 @@ class PrefixCache:
         >>> safe.prefix_cache.stats()["hit_rate"]  # doctest: +SKIP
     """
 
-    def __init__(self, safe: Any) -> None:
+    def __init__(self, safe: TunerView) -> None:
         self._safe_ref = weakref.ref(safe)
         self._counters()
         self._transient()
@@ -248,7 +249,7 @@ class PrefixCache:
         self._forward_state()
 
     # ------------------------------------------------------------------ where the cut is
-    def _current_site(self, safe: Any) -> dict[str, Any] | None:
+    def _current_site(self, safe: TunerView) -> dict[str, Any] | None:
         prefix = safe.frozen_prefix()
         if prefix is None:
             if self._site is not None:
@@ -267,7 +268,7 @@ class PrefixCache:
             self._refused = None
         return site
 
-    def _install(self, safe: Any, prefix: Any) -> None:
+    def _install(self, safe: TunerView, prefix: Any) -> None:
         path, index, blocks, below = prefix.path, prefix.cut, prefix.blocks, list(prefix.below)
         self._site = {
             # what the cut block's input depends on: the blocks below and everything outside the block list
@@ -295,7 +296,7 @@ class PrefixCache:
         self._site = None
         self._refused = None
 
-    def _signature(self, safe: Any, site: dict[str, Any]) -> tuple:
+    def _signature(self, safe: TunerView, site: dict[str, Any]) -> tuple:
         # Every frozen tensor the cut block's input depends on, read afresh (load_state_dict(assign=True) puts new
         # ones in): _version counts in-place changes (a merge, load_state_dict), the storage moves with
         # `weight.data = new`, the dtype and device with model.to(...).
@@ -316,7 +317,7 @@ class PrefixCache:
             return
         found = hidden_state_of(args, kwargs)
         safe = self._safe_ref()
-        if found is None or not safe._backprop_cut.feeds_no_gradient(found[1]):
+        if found is None or not safe.backprop_cut.feeds_no_gradient(found[1]):
             self._refuse(
                 "the input of the frozen blocks carries a gradient that is kept (a trainable embedding, or "
                 "inputs_embeds that require grad), so their output changes from step to step"

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from .checkpoint import decode_payload, encode_payload
+from .tuner_view import TunerView
 
 __all__ = ["EXTRA_STATE_BYTES", "EXTRA_STATE_FORMAT", "extra_state", "install_state_dict_hooks",
            "load_extra_state"]
@@ -41,11 +42,11 @@ _HEADER = struct.Struct("<5sI")
 _KEY = "_extra_state"  # torch.nn.modules.module._EXTRA_STATE_KEY_SUFFIX
 
 
-def extra_state(safe: Any) -> torch.Tensor:
+def extra_state(safe: TunerView) -> torch.Tensor:
     """The uint8 tensor ``safe.get_extra_state()`` returns: every adapter's freeze state and the step count."""
     adapters = {
         name: bytes(encode_payload(state, safe.peft_config[name], {}).tolist()).decode("utf-8")
-        for name, state in safe._freeze_states.items()
+        for name, state in safe.freeze_states.items()
         if name in safe.peft_config
     }
     driver = getattr(safe, "auto_driver", None)
@@ -73,7 +74,7 @@ def _record_text(value: torch.Tensor) -> str:
     return data.decode("utf-8")  # written before the fixed size: the JSON itself
 
 
-def load_extra_state(safe: Any, value: Any) -> None:
+def load_extra_state(safe: TunerView, value: Any) -> None:
     """Apply what :func:`extra_state` wrote, after checking every adapter's freeze state against this model.
 
     Raises:
@@ -97,11 +98,11 @@ def load_extra_state(safe: Any, value: Any) -> None:
                              f"does not have (its adapters: {sorted(safe.peft_config)}); build it with the same ones.")
         payload = torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
         try:  # everything is checked before anything is applied
-            states[name] = decode_payload(payload, safe.peft_config[name], {}, [u.name for u in safe._units(name)])
+            states[name] = decode_payload(payload, safe.peft_config[name], {}, [u.name for u in safe.units(name)])
         except ValueError as err:
             raise ValueError(f"SAFE freeze state of adapter {name!r}: {err}") from err
     for name, state in states.items():
-        safe._replace_freeze_state(name, state)
+        safe.set_freeze_state(name, state)
     driver = getattr(safe, "auto_driver", None)
     if driver is not None:
         driver.restart(steps)
@@ -111,6 +112,6 @@ def _stand_in_for_missing(module: Any, state_dict: dict, prefix: str, *args: Any
     state_dict.setdefault(prefix + _KEY, None)  # set_extra_state(None): nothing to apply
 
 
-def install_state_dict_hooks(safe: Any) -> None:
+def install_state_dict_hooks(safe: TunerView) -> None:
     """Let ``safe.load_state_dict(strict=True)`` take state dicts saved without SAFE's extra state."""
     safe.register_load_state_dict_pre_hook(_stand_in_for_missing)
