@@ -153,8 +153,8 @@ class PrefixCache:
         enabled = getattr(_active_config(safe), "cache_frozen", False) and isinstance(inputs, Mapping)
         if not enabled or site is None or self._stopped or self._refused or site["output_kind"] is None:
             return False
-        located = self._locate(safe)  # where the cut is now (a freeze since the last forward moves it)
-        if located is None or f"{located[0]}.{located[1]}" != site["name"]:
+        prefix = safe.frozen_prefix()  # where the cut is now (a freeze since the last forward moves it)
+        if prefix is None or prefix.name != site["name"]:
             return False
         rows = row_keys((), dict(inputs))
         keys = rows.keys if not isinstance(rows, str) else []
