@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..core.budget import BlockCosts, plan_checkpointing
-from .frozen_prefix import has_trainable, unit_block_lists
+from .frozen_prefix import first_live_block, unit_block_lists
 from .hooks import add_hook
 from .truncation import hidden_state_of, with_hidden_state
 from .tuner_view import TunerView
@@ -112,14 +112,10 @@ class CheckpointBudget:
         return budget if isinstance(budget, int) else int(budget * costs.unchecked_bytes)
 
     def first_live(self) -> int:
-        """Index of the lowest block with a trainable parameter: the blocks below it record no graph.
-
-        The tuner's frozen prefix's cut block where SAFE froze the bottom (:mod:`.frozen_prefix`); without one, the
-        leading blocks that hold no trainable parameter (adapters on the upper blocks only)."""
-        prefix = self._safe.frozen_prefix()
-        if prefix is not None:
-            return prefix.cut
-        return next((i for i, block in enumerate(self.blocks) if has_trainable(block)), len(self.blocks))
+        """Index of the lowest block with a trainable parameter: the blocks below it record no graph. The frozen
+        prefix's cut block where SAFE froze the bottom, read afresh at every forward: it holds without a prefix too
+        (adapters on the upper blocks only)."""
+        return first_live_block(self.blocks)
 
     # ------------------------------------------------------------------ planning
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -104,7 +104,7 @@ class FrozenUnitsMixin:
 
     def frozen_prefix(self) -> FrozenPrefix | None:
         """The frozen bottom of the model under the active adapter's freeze state (:mod:`.frozen_prefix`): the cut
-        block and the blocks below it, which the backprop cut, the prefix cache and the memory budget read. Located
+        block and the blocks below it, which the backprop cut and the prefix cache read. Located
         again when the frozen set changes, when the freeze state is applied, and when a block below the cut was
         made trainable by hand; ``None`` when nothing SAFE froze lies below a trainable block.
         """

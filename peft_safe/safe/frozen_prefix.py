@@ -1,9 +1,10 @@
 """The frozen bottom of the model under the active freeze state: one object, :class:`FrozenPrefix`, that says where
 the cut is (the block list, the cut block, the blocks below it), kept by the tuner (``SAFEModel.frozen_prefix()``).
 
-The backprop cut (:mod:`.truncation`), the prefix cache (:mod:`.prefix_cache`) and the memory budget
-(:mod:`.budget`) read it instead of working it out. The cut block is the lowest block holding a trainable parameter,
-and there is a frozen prefix only when SAFE froze a unit below it, the units lying in one block list.
+The backprop cut (:mod:`.truncation`) and the prefix cache (:mod:`.prefix_cache`) read it instead of working it out.
+The cut block is the lowest block holding a trainable parameter (:func:`first_live_block`, the one rule, which the
+memory budget (:mod:`.budget`) plans from too, with or without a frozen prefix), and there is a frozen prefix only
+when SAFE froze a unit below it, the units lying in one block list.
 
 Imports torch and :mod:`.units` only.
 """
@@ -17,7 +18,7 @@ from torch import nn
 
 from .units import AdapterUnit
 
-__all__ = ["FrozenPrefix", "find_cut_block", "has_trainable", "locate_frozen_prefix", "unit_block_lists"]
+__all__ = ["FrozenPrefix", "first_live_block", "has_trainable", "locate_frozen_prefix", "unit_block_lists"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,8 +80,14 @@ def has_trainable(module: nn.Module) -> bool:
     return any(param.requires_grad for param in module.parameters())
 
 
-def find_cut_block(model: nn.Module, units: list[AdapterUnit], frozen: Iterable[str]) -> tuple[str, int] | None:
-    """Where backprop can stop: the block list and the index of its lowest block holding a trainable parameter.
+def first_live_block(blocks: nn.Module) -> int:
+    """Index of the lowest block holding a trainable parameter (``len(blocks)`` when none does): the blocks below it
+    record no graph. The cut block of a :class:`FrozenPrefix`, and what the memory budget plans from."""
+    return next((i for i, block in enumerate(blocks) if has_trainable(block)), len(blocks))
+
+
+def locate_frozen_prefix(model: nn.Module, units: list[AdapterUnit], frozen: Iterable[str]) -> FrozenPrefix | None:
+    """The :class:`FrozenPrefix` of ``model`` under ``frozen``: where backprop can stop.
 
     Args:
         model: the model holding the units.
@@ -88,31 +95,20 @@ def find_cut_block(model: nn.Module, units: list[AdapterUnit], frozen: Iterable[
         frozen: names of the frozen units.
 
     Returns:
-        ``(path of the block list, index of the cut block)``, or ``None`` when there is nothing to cut: no unit
-        is frozen, no frozen unit lies below the lowest trainable block, the units are not in one block list,
-        or no block holds a trainable parameter.
+        The prefix, or ``None`` when there is nothing to cut: no unit is frozen, no frozen unit lies below the
+        lowest trainable block, the units are not in one block list, or no block holds a trainable parameter.
     """
-    frozen = set(frozen)
+    frozen = frozenset(frozen)
     if not frozen:
         return None
     lists = unit_block_lists(model, units)
     if len(lists) != 1:
         return None
     (path, blocks), = lists.items()
-    cut = next((i for i, block in enumerate(blocks) if has_trainable(block)), None)
-    if cut is None or cut == 0:
+    cut = first_live_block(blocks)
+    if cut in (0, len(blocks)):
         return None
     below = {f"{path}.{i}" for i in range(cut)}
     if not any(unit.name in below and unit.name in frozen for unit in units):
         return None  # nothing SAFE froze lies below: leave the model as it was
-    return path, cut
-
-
-def locate_frozen_prefix(model: nn.Module, units: list[AdapterUnit], frozen: Iterable[str]) -> FrozenPrefix | None:
-    """The :class:`FrozenPrefix` of ``model`` under ``frozen``, or ``None`` (see :func:`find_cut_block`)."""
-    frozen = frozenset(frozen)
-    found = find_cut_block(model, units, frozen)
-    if found is None:
-        return None
-    path, cut = found
-    return FrozenPrefix(model, path, model.get_submodule(path), cut, frozen)
+    return FrozenPrefix(model, path, blocks, cut, frozen)
