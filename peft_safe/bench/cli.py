@@ -294,14 +294,15 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 def _partial_seed(task: Any, adapter: str, args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
     """The runs of a seed that ``--no-plain`` / ``--no-safe`` leave, each measured after its own last change."""
     runs, safe, after = [], None, 0
-    for use_safe in (False, True):
-        if (args.no_plain and not use_safe) or (args.no_safe and use_safe):
-            continue
-        result, meter = run_one(task, adapter, use_safe, args, seed)
-        after = meter.last_change or 0 if use_safe else after
-        result["memory"] = meter.summary(after_step=meter.last_change or 0).to_dict()
-        runs.append(result)
-        safe = result if use_safe else safe
+    if not args.no_plain:
+        plain, meter = run_one(task, adapter, False, args, seed)
+        plain["memory"] = meter.summary().to_dict()
+        runs.append(plain)
+    if not args.no_safe:
+        safe, meter = run_one(task, adapter, True, args, seed)
+        after = meter.last_change or 0
+        safe["memory"] = meter.summary().to_dict()
+        runs.append(safe)
     return runs + run_baselines(task, adapter, args, seed, safe, after)
 
 
