@@ -1,6 +1,6 @@
 """What a batch is to this package: a mapping of model inputs, a tuple or list of arguments, or one tensor.
 
-Scoring (:mod:`peft_safe.safe.scoring`) and measurement (:mod:`peft_safe.measure`) both call a model on batches
+Scoring (:mod:`peft_safe.safe.method.scoring`) and measurement (:mod:`peft_safe.measure`) both call a model on batches
 of any of these forms; the one dispatch lives here. A leaf module: it imports torch only.
 """
 

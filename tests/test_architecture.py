@@ -37,6 +37,15 @@ FORBIDDEN = {
     "peft_safe.callbacks": ("peft_safe.bench", "peft_safe.plan"),
 }
 
+# Inside safe/: method < savings < persistence < the tuner's public modules (config, config_fields, model), which
+# compose the three parts and are imported by none of them.
+_TUNER_FACE = ("peft_safe.safe.config", "peft_safe.safe.config_fields", "peft_safe.safe.model")
+FORBIDDEN |= {
+    "peft_safe.safe.method": ("peft_safe.safe.savings", "peft_safe.safe.persistence", *_TUNER_FACE),
+    "peft_safe.safe.savings": ("peft_safe.safe.persistence", *_TUNER_FACE),
+    "peft_safe.safe.persistence": _TUNER_FACE,
+}
+
 
 def _module_names() -> Iterator[tuple[str, str]]:
     for root, _, files in os.walk(PACKAGE_DIR):
@@ -84,8 +93,8 @@ GRAPH = {name: {m for m in _imports(name, path) if m in MODULES} for name, path 
 def test_the_walk_sees_the_package_and_its_imports():
     # guards the test itself: a walk that found nothing would pass everything below
     assert {"peft_safe.safe.model", "peft_safe.core.cka", "peft_safe.callbacks.safe"} <= set(MODULES)
-    assert "peft_safe.safe.scoring" in GRAPH["peft_safe.safe.model"]
-    assert "peft_safe.core.cka" in GRAPH["peft_safe.safe.scoring"]
+    assert "peft_safe.safe.method.scoring" in GRAPH["peft_safe.safe.model"]
+    assert "peft_safe.core.cka" in GRAPH["peft_safe.safe.method.scoring"]
 
 
 def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -165,13 +174,13 @@ def test_the_private_import_check_sees_relative_and_absolute_imports(tmp_path):
     module = tmp_path / "budget.py"
     module.write_text("from .truncation import _hidden, public\nfrom peft_safe.core.cka import _check\n"
                       "from peft.tuners import _private\n")
-    assert _private_imports("peft_safe.safe.budget", str(module)) == [
-        "peft_safe.safe.budget imports peft_safe.safe.truncation._hidden",
-        "peft_safe.safe.budget imports peft_safe.core.cka._check"]
+    assert _private_imports("peft_safe.safe.savings.budget", str(module)) == [
+        "peft_safe.safe.savings.budget imports peft_safe.safe.savings.truncation._hidden",
+        "peft_safe.safe.savings.budget imports peft_safe.core.cka._check"]
 
 
-# The tuner's own modules (the class and its mixin); every other module sees it through safe/tuner_view.py.
-TUNER_MODULES = ("peft_safe.safe.model", "peft_safe.safe.freezing")
+# The tuner's own modules (the class and its mixin); every other module sees it through safe/method/tuner_view.py.
+TUNER_MODULES = ("peft_safe.safe.model", "peft_safe.safe.method.freezing")
 
 
 def test_no_part_of_the_tuner_reads_a_private_member_of_it():
@@ -195,6 +204,33 @@ def test_no_function_is_longer_than_a_screen():
     long = {f"{name}.{function}": n for name, path in MODULES.items()
             for function, n in _function_lengths(path) if n > MAX_FUNCTION_LINES}
     assert not long, long
+
+
+def test_safe_holds_only_its_public_modules_and_three_parts():
+    safe_dir = os.path.join(PACKAGE_DIR, "safe")
+    entries = [e for e in os.listdir(safe_dir) if e != "__pycache__"]
+    assert sorted(e for e in entries if e.endswith(".py")) == ["__init__.py", "config.py", "config_fields.py",
+                                                               "model.py"]
+    assert sorted(e for e in entries if not e.endswith(".py")) == ["method", "persistence", "savings"]
+
+
+def test_modules_moved_out_of_the_flat_safe_folder_resolve_by_their_old_names():
+    # imports and pickles (a class recorded by module and name) written before the split keep working
+    import importlib
+    import pickle
+
+    import peft_safe.safe
+
+    for old, part in peft_safe.safe.MOVED_MODULES.items():
+        moved = importlib.import_module(f"peft_safe.safe.{part}.{old}")
+        assert importlib.import_module(f"peft_safe.safe.{old}") is moved
+        assert getattr(peft_safe.safe, old) is moved
+    cut = pickle.loads(b"cpeft_safe.safe.truncation\nBackpropCut\n.")
+    assert cut is peft_safe.safe.savings.truncation.BackpropCut
+    parts = ("method", "savings", "persistence")
+    moved_files = {name.split(".")[3] for name in MODULES if name.split(".")[:3] in
+                   [["peft_safe", "safe", part] for part in parts] and name.count(".") == 3}
+    assert set(peft_safe.safe.MOVED_MODULES) == moved_files - {"history"}  # history.py is new in persistence
 
 
 def test_every_module_says_what_it_owns():

@@ -108,7 +108,7 @@ def load_4bit_llama(path, quant_type: str = "nf4", double_quant: bool = False,
     """A LLaMA saved at ``path`` loaded back in 4 bits (bitsandbytes); skips the test where 4-bit does not load.
 
     On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight on its first eval forward without grad (an
-    evaluation; SAFE's scoring keeps it from doing so, tests/safe/test_scoring_4bit_cpu.py) and from then on
+    evaluation; SAFE's scoring keeps it from doing so, tests/safe/method/test_scoring_4bit_cpu.py) and from then on
     computes with bfloat16 scales: other numbers than a freshly loaded base gives, and an error for rows shorter
     than the 64-value quantization block, as tiny ones are. The tests compare exact numbers across machines, so
     they keep one kernel.

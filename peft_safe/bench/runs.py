@@ -22,7 +22,7 @@ from torch import nn
 
 from ..measure.meter import TrainingMeter
 from ..safe.config import SAFEConfig
-from ..safe.scoring import preserved_state
+from ..safe.method.scoring import preserved_state
 from ..tuners.bitfit import BitFitConfig
 from ..tuners.bottleneck import HoulsbyConfig, PfeifferConfig
 from .baselines import Baseline

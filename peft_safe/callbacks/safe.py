@@ -19,10 +19,10 @@ from torch.utils.data import DataLoader
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..reporting import find_trainer, follow_transformers_verbosity, log_to_trainer
-from ..safe.distributed import check_trainer_ddp
-from ..safe.driver import check_trainer_schedule, progress_record, score_if_due
+from ..safe.method.distributed import check_trainer_ddp
+from ..safe.method.driver import check_trainer_schedule, progress_record, score_if_due
+from ..safe.method.probe_inputs import check_probe_batch
 from ..safe.model import SAFEModel, find_safe_model
-from ..safe.probe_inputs import check_probe_batch
 from .probe import default_collator, examples_to_batches, is_batch_list, take, take_batches
 
 logger = logging.getLogger(__name__)

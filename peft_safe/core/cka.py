@@ -15,7 +15,7 @@ import torch
 __all__ = ["CKA_PRECISIONS", "SCORING_SITES", "CKAAccumulator", "NonFiniteActivations", "importance_by_difference",
            "importance_from_cka", "linear_cka"]
 
-#: Where SAFE measures 1 - CKA (see peft_safe.safe.scoring): a block's output, its residual update, or each
+#: Where SAFE measures 1 - CKA (see peft_safe.safe.method.scoring): a block's output, its residual update, or each
 #: adapted layer's output, each with vs without the adapters.
 SCORING_SITES = ("block_output", "residual_update", "adapter_output")
 

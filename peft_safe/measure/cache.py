@@ -2,7 +2,7 @@
 
 The meter finds the cache by duck typing, so this layer never imports ``peft_safe.safe``: any module of the model
 holding a ``prefix_cache`` attribute whose ``stats()`` returns the counters of
-:meth:`peft_safe.safe.prefix_cache.PrefixCache.stats` (``served_forwards``, ``row_hits``, ``row_lookups``,
+:meth:`peft_safe.safe.savings.prefix_cache.PrefixCache.stats` (``served_forwards``, ``row_hits``, ``row_lookups``,
 ``memory_bytes``, ``disk_bytes``), and optionally ``would_serve(batch)``. A step's figures are the differences of
 the counters across it.
 """

@@ -8,7 +8,7 @@ It measures with the package's own tools and repeats none of them: activations w
 :class:`~peft_safe.measure.memory.SavedTensorMeter`, gradients and optimizer state with
 :func:`~peft_safe.measure.step.measure_training_step`, parameter bytes with
 :func:`~peft_safe.measure.memory.parameter_bytes`, and the adapter parameters through
-:mod:`peft_safe.safe.units`.
+:mod:`peft_safe.safe.method.units`.
 
 Imports: :mod:`peft_safe.plan.shapes`, :mod:`peft_safe.plan.formulas`, :mod:`peft_safe.measure`,
 :mod:`peft_safe.safe`, torch; peft and transformers lazily, where a model is built. Never the CLI.
@@ -28,7 +28,7 @@ import torch
 from ..measure.memory import SavedTensorMeter, parameter_bytes
 from ..measure.step import measure_training_step
 from ..safe.config import SAFEConfig
-from ..safe.units import find_adapter_units, unit_parameters
+from ..safe.method.units import find_adapter_units, unit_parameters
 from .formulas import plan_memory
 from .shapes import ALL_PROJECTIONS, DEFAULT_TARGETS, PRESETS, ModelShape, PlanSettings
 
@@ -194,7 +194,7 @@ def measure_case(case: ValidationCase) -> ValidationRow:
 def _weight_and_adapter_bytes(model: Any) -> tuple[int, int]:
     """Bytes of the base weights (with bitsandbytes' quantization statistics) and of the adapter parameters.
 
-    The adapter parameters are those of the SAFE adapter's units (:mod:`peft_safe.safe.units`), frozen ones
+    The adapter parameters are those of the SAFE adapter's units (:mod:`peft_safe.safe.method.units`), frozen ones
     included; every other parameter is a base weight.
 
     Args:

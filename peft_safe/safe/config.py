@@ -31,7 +31,6 @@ from ..core.budget import check_memory_budget
 from ..core.cka import CKA_PRECISIONS, SCORING_SITES
 from ..core.policy import SchedulePolicy, as_number
 from ..core.schedule import DEFAULT_WARMUP_TOLERANCE, FREEZE_ORDERS, SCORE_SCALES, WARMUP_RULES
-from .cache_options import DEFAULT_CACHE_DISK_BYTES, DEFAULT_CACHE_MEMORY_BYTES, check_cache_options
 from .config_fields import (
     check_change_after_build,
     install_forwarding_init,
@@ -39,18 +38,12 @@ from .config_fields import (
     warn_renamed,
     wrapped_name,
 )
-from .model_card import add_safe_section
-from .weights_file import check_weights_file, save_config_atomically, weights_record
+from .persistence.history import LEGACY_VALUES, RENAMED_FIELDS
+from .persistence.model_card import add_safe_section
+from .persistence.weights_file import check_weights_file, save_config_atomically, weights_record
+from .savings.cache_options import DEFAULT_CACHE_DISK_BYTES, DEFAULT_CACHE_MEMORY_BYTES, check_cache_options
 
 SCHEDULE_UNITS = ("epoch", "step")
-
-# Fields added after checkpoints were first written, with the value that reproduces the behaviour of the code
-# that wrote them: a saved config without the field loads with this value, not with today's default.
-LEGACY_VALUES = {"scoring_site": "block_output", "freeze_order": "any", "cka_precision": "float64"}
-
-# Fields renamed since 0.1.0: old name -> new name. Saved configs and the integrity records of checkpoints
-# written before the rename carry the old names; both load, the old names with a FutureWarning.
-RENAMED_FIELDS = {"final_freeze_epoch": "final_freeze_time", "max_warmup": "warmup_cap"}
 
 # Adapters whose change to their layer depends on the layer's input (W x -> (W + BA) x): the layer's own output
 # shows it. The others can shift it by a constant, which CKA (centred) cannot see.

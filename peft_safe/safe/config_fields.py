@@ -9,8 +9,8 @@ Also the deprecated names of SAFE's own fields (``final_freeze_epoch`` for ``fin
 warning and the property that reads through to the new field; and :func:`install_forwarding_init`, the
 ``__init__`` that takes all of these as keyword arguments.
 
-Imports: peft's ``PeftConfig`` and its config mapping, the peft type members and ``safe.weights_file`` (the
-record save_pretrained writes beside the fields); nothing of the SAFE config.
+Imports: peft's ``PeftConfig`` and its config mapping, the peft type members and
+``safe.persistence.weights_file`` (the record save_pretrained writes beside the fields); nothing of the SAFE config.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from peft.config import PeftConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
 from .._peft_types import peft_type_name
-from .weights_file import RECORD_KEY, keep_record
+from .persistence.weights_file import RECORD_KEY, keep_record
 
 __all__ = ["GENERIC_NAMES", "check_change_after_build", "install_forwarding_init", "mark_built_into_model",
            "renamed_reader", "warn_renamed", "with_adapter_fields", "wrapped_name"]

@@ -31,21 +31,15 @@ from torch import nn
 from ..core.policy import SchedulePolicy, check_scoring_time, check_time
 from ..core.schedule import normalize_scores
 from ..core.state import FreezeState
-from .adalora import allocate_trainable_ranks
-from .budget import CheckpointBudget, check_one_block_list
-from .cache_options import check_cache_dir_writable
-from .checkpoint import FREEZE_STATE_KEY, check_loadable, decode_payload, encode_payload
 from .config import SAFEConfig
 from .config_fields import mark_built_into_model
-from .distributed import agree_on_scores
-from .driver import AutoDriver, resume_steps
-from .freezing import FrozenUnitsMixin, check_something_trains
-from .optimizer import check_optimizer
-from .prefix_cache import PrefixCache
-from .scoring import compute_importance
-from .state_dict import extra_state, install_state_dict_hooks, load_extra_state
-from .truncation import BackpropCut
-from .units import (
+from .method.adalora import allocate_trainable_ranks
+from .method.distributed import agree_on_scores
+from .method.driver import AutoDriver, resume_steps
+from .method.freezing import FrozenUnitsMixin, check_something_trains
+from .method.optimizer import check_optimizer
+from .method.scoring import compute_importance
+from .method.units import (
     AdapterUnit,
     as_index,
     find_adapter_units,
@@ -54,8 +48,14 @@ from .units import (
     resolve_units,
     unit_parameters,
 )
-from .weights_file import note_payload
-from .zero import ZeroHold
+from .method.zero import ZeroHold
+from .persistence.checkpoint import FREEZE_STATE_KEY, check_loadable, decode_payload, encode_payload
+from .persistence.state_dict import extra_state, install_state_dict_hooks, load_extra_state
+from .persistence.weights_file import note_payload
+from .savings.budget import CheckpointBudget, check_one_block_list
+from .savings.cache_options import check_cache_dir_writable
+from .savings.prefix_cache import PrefixCache
+from .savings.truncation import BackpropCut
 
 __all__ = ["SAFEModel", "find_safe_model"]
 
@@ -292,7 +292,7 @@ class SAFEModel(FrozenUnitsMixin, BaseTuner):
             TypeError: if ``optimizer`` is not a torch optimizer.
 
         Under ``torch.distributed`` (world size > 1) every rank must call this with the same ``t``: the scores
-        are averaged over the ranks (see :mod:`peft_safe.safe.distributed`), so all ranks freeze the same units.
+        are averaged over the ranks (see :mod:`peft_safe.safe.method.distributed`), so all ranks freeze the same units.
 
         The first call stands the automatic schedule (:attr:`auto_driver`) down for good: the caller drives.
         """
@@ -305,7 +305,7 @@ class SAFEModel(FrozenUnitsMixin, BaseTuner):
         self.safe_config._validate()
         # Frozen units never thaw, so they are not rerun: scoring costs one probe forward plus one block rerun
         # per trainable unit. The schedule never freezes the last trainable unit (see SchedulePolicy.select).
-        # Units outside the block lists are not candidates (see safe/units.py): never scored, never frozen here.
+        # Units outside the block lists are not candidates (see safe/method/units.py): never scored, never frozen here.
         candidates = [unit.name for unit in self._live_units("score and freeze units") if unit.candidate]
         trainable = [name for name in candidates if name not in self.freeze_state.frozen]
         scores = self.compute_importance(probe_batches, units=trainable) if trainable else {}

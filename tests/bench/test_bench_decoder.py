@@ -98,7 +98,7 @@ def test_evaluating_after_each_epoch_reports_the_series_and_leaves_training_unto
     # issue 24: the paper regime's decoder reports validation perplexity after each epoch. The evaluation runs
     # between steps: it must give back train mode (LoRA's dropout) and dropout's RNG, so the run trains exactly as
     # without it. It runs under scoring's preserved_state, which also keeps bitsandbytes from repacking the 4-bit
-    # weights on an AVX512-BF16 CPU (checked where one runs, by tests/safe/test_scoring_4bit_cpu.py).
+    # weights on an AVX512-BF16 CPU (checked where one runs, by tests/safe/method/test_scoring_4bit_cpu.py).
     parser = build_parser()
     runs = {}
     for extra in ((), ("--eval-each-epoch",)):

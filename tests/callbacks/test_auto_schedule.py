@@ -19,7 +19,7 @@ from test_safe_callback import (
 from transformers import Trainer
 
 from peft_safe import SAFECallback, SAFEConfig
-from peft_safe.safe.driver import PROBE_FILE, schedule_length_warning
+from peft_safe.safe.method.driver import PROBE_FILE, schedule_length_warning
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 

@@ -65,7 +65,7 @@ def test_cached_flops_count_served_and_computed_steps_each_as_counting_every_ste
 
 def test_the_cache_figures_reach_the_trainer_logs(tiny):
     from peft_safe import MeasureCallback
-    from peft_safe.safe.driver import progress_record
+    from peft_safe.safe.method.driver import progress_record
 
     meter = run(tiny, "none", epochs=2)
     entry = MeasureCallback()._log_entry(meter.records[-1])

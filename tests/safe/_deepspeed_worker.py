@@ -28,7 +28,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from peft_safe import SAFEConfig  # noqa: E402
-from peft_safe.safe.zero import requiring_grad  # noqa: E402
+from peft_safe.safe.method.zero import requiring_grad  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the launcher's start and finish
 from torchrun import finish_rank, start_rank  # noqa: E402

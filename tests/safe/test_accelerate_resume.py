@@ -1,7 +1,7 @@
-"""accelerate's save_state / load_state carry SAFE's freeze state (it is in model.state_dict(), safe/state_dict.py):
-a run saved after freezing and resumed in a fresh process ends with the weights and freeze state of an
-uninterrupted run. Issue 14.5: model.state_dict() had no freeze state, and the fresh optimizer, built over every
-adapter parameter, did not match the saved one (which had lost the frozen ones)."""
+"""accelerate's save_state / load_state carry SAFE's freeze state (it is in model.state_dict(),
+safe/persistence/state_dict.py): a run saved after freezing and resumed in a fresh process ends with the weights
+and freeze state of an uninterrupted run. Issue 14.5: model.state_dict() had no freeze state, and the fresh
+optimizer, built over every adapter parameter, did not match the saved one (which had lost the frozen ones)."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def test_a_state_dict_saved_without_the_freeze_state_still_loads_strictly(tiny):
 
 def test_the_extra_state_has_one_size_whatever_it_holds(tiny):
     # issue 22.9: sharded checkpoints (torch.distributed.checkpoint) load into the fresh model's own tensors
-    from peft_safe.safe.state_dict import EXTRA_STATE_BYTES
+    from peft_safe.safe.persistence.state_dict import EXTRA_STATE_BYTES
 
     fresh = tiny.safe("llama", layers=4).state_dict()["base_model._extra_state"]
     model = tiny.safe("llama", layers=4)
@@ -92,7 +92,7 @@ def test_an_extra_state_written_before_the_fixed_size_still_loads(tiny):
 
     model = tiny.safe("llama", layers=4)
     model.base_model.freeze([0])
-    from peft_safe.safe.checkpoint import encode_payload
+    from peft_safe.safe.persistence.checkpoint import encode_payload
 
     safe = model.base_model
     payload = bytes(encode_payload(safe.freeze_state, safe.peft_config["default"], {}).tolist()).decode("utf-8")

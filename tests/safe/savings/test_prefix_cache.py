@@ -1,4 +1,4 @@
-"""The prefix cache (``SAFEConfig(cache_frozen=True)``, ``peft_safe/safe/prefix_cache.py``).
+"""The prefix cache (``SAFEConfig(cache_frozen=True)``, ``peft_safe/safe/savings/prefix_cache.py``).
 
 Every training test runs two copies of one tiny model side by side, with the same batches and the same dropout
 seed at each step: one caching, one not, whose prefix (the frozen blocks and the embeddings' dropout below them)

@@ -1,4 +1,4 @@
-"""SAFE's automatic schedule (safe/driver.py) in plain PyTorch loops: it drives itself, counts optimizer steps,
+"""SAFE's automatic schedule (safe/method/driver.py) in plain PyTorch loops: it drives itself, counts optimizer steps,
 takes frozen parameters out of the optimizer, and stands down for a loop that calls update_and_freeze itself."""
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """adapter_config.json names the weights file saved with it, and is never left half-written (issue 13: 11, 16, 22).
 
 peft loads ``adapter_model.safetensors`` whenever it exists, writes ``adapter_model.bin`` in place with
-``torch.save``, and writes ``adapter_config.json`` in place too; ``peft_safe.safe.weights_file`` records which
-weights file the config belongs to and checks it in ``SAFEConfig.from_pretrained``.
+``torch.save``, and writes ``adapter_config.json`` in place too; ``peft_safe.safe.persistence.weights_file`` records
+which weights file the config belongs to and checks it in ``SAFEConfig.from_pretrained``.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def test_disk_full_during_a_bin_save_is_refused_naming_the_cause(tmp_path):
     script = textwrap.dedent(
         f"""
         import resource, signal, sys
-        sys.path.insert(0, {str(pathlib.Path(__file__).parents[1])!r})
+        sys.path.insert(0, {str(pathlib.Path(__file__).parents[2])!r})
         from conftest import TinyModels
         from peft import PeftModel
         tiny, path = TinyModels(), {str(tmp_path)!r}

@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .frozen_prefix import FrozenPrefix, has_trainable
-from .hooks import add_hook
+from ..method.frozen_prefix import FrozenPrefix, has_trainable
+from ..method.hooks import add_hook
 
 __all__ = ["BackpropCut", "hidden_state_of", "upstream_wants_grad", "with_hidden_state"]
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..reporting import local_of_running
+from ...reporting import local_of_running
 
 __all__ = ["PROBE_FILE", "TrainerClock", "attach_clock", "load_probe", "save_probe"]
 

@@ -4,7 +4,7 @@ It wrote ``tests/fixtures/safe_checkpoint_v0_1/`` with the code of commit 508a4e
 out anew), and ``test_legacy_checkpoint.py`` runs it again with today's code, so the test compares a checkpoint
 written by the old code with what the new code writes and trains. Regenerate the fixture only on purpose:
 
-    python tests/safe/legacy_recipe.py tests/fixtures/safe_checkpoint_v0_1
+    python tests/safe/persistence/legacy_recipe.py tests/fixtures/safe_checkpoint_v0_1
 
 The old config field names (``final_freeze_epoch``, ``max_warmup``) are used on purpose: they are what
 checkpoints of that version hold.

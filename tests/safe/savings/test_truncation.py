@@ -19,8 +19,8 @@ from torch import nn
 
 from peft_safe.measure import measure_training_step
 from peft_safe.safe import hooks as safe_hooks
-from peft_safe.safe.frozen_prefix import locate_frozen_prefix
-from peft_safe.safe.truncation import _needs_grad_input, upstream_wants_grad
+from peft_safe.safe.method.frozen_prefix import locate_frozen_prefix
+from peft_safe.safe.savings.truncation import _needs_grad_input, upstream_wants_grad
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 

@@ -20,11 +20,12 @@ import json
 from typing import Any
 
 import torch
+from peft.config import PeftConfig
 from torch import nn
 
-from ..core.state import FORMAT_VERSION, FreezeState, parse_state_json
-from .cache_options import CACHE_FIELDS
-from .config import LEGACY_VALUES, RENAMED_FIELDS, SAFEConfig
+from ...core.state import FORMAT_VERSION, FreezeState, parse_state_json
+from ..savings.cache_options import CACHE_FIELDS
+from .history import LEGACY_VALUES, RENAMED_FIELDS
 from .weights_file import FREEZE_STATE_KEY
 
 __all__ = ["FREEZE_STATE_KEY", "check_loadable", "decode_payload", "encode_payload"]
@@ -51,7 +52,7 @@ _INIT_FIELDS = ("init_lora_weights", "init_weights")
 SEALED_FROM_VERSION = 2
 
 
-def encode_payload(state: FreezeState, config: SAFEConfig, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+def encode_payload(state: FreezeState, config: PeftConfig, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """The uint8 tensor that stores ``state`` beside ``tensors``, with the integrity record of both."""
     record = {**state.to_dict(), "format_version": FORMAT_VERSION, "integrity": _integrity_record(config, tensors)}
     record = seal(record)
@@ -90,7 +91,7 @@ def _check_seal(data: Any) -> None:
 
 
 def decode_payload(
-    payload: Any, config: SAFEConfig, tensors: dict[str, torch.Tensor], units: list[str]
+    payload: Any, config: PeftConfig, tensors: dict[str, torch.Tensor], units: list[str]
 ) -> FreezeState:
     """The freeze state stored in ``payload``, after checking it against the model, the config and the tensors.
 
@@ -150,12 +151,12 @@ def check_loadable(state_dict: dict[str, torch.Tensor], model: nn.Module) -> Non
 
 
 # ---------------------------------------------------------------------------------------------- integrity
-def _integrity_record(config: SAFEConfig, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _integrity_record(config: PeftConfig, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     digests = sorted(_tensor_digest(t) for t in tensors.values())
     return {"config": _config_fingerprint(config), "tensor_sha256": digests}
 
 
-def _config_fingerprint(config: SAFEConfig) -> dict[str, Any]:
+def _config_fingerprint(config: PeftConfig) -> dict[str, Any]:
     def strip(data: dict[str, Any]) -> dict[str, Any]:
         # Lists of names are sets in meaning (peft appends the task's heads to modules_to_save on every load).
         return {
@@ -185,7 +186,7 @@ def _tensor_digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(header + data).hexdigest()[:32]
 
 
-def _check_integrity(integrity: Any, config: SAFEConfig, state_dict: dict[str, torch.Tensor]) -> None:
+def _check_integrity(integrity: Any, config: PeftConfig, state_dict: dict[str, torch.Tensor]) -> None:
     """Raise if the weights file does not belong to ``config`` or was damaged."""
     if not isinstance(integrity, dict):
         raise ValueError("the SAFE freeze state's 'integrity' record is malformed; the checkpoint is corrupt.")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from .._version import __version__
+from ..._version import __version__
 
 __all__ = ["HEADING", "add_safe_section"]
 

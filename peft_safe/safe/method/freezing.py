@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.state import FreezeState
+from ...core.state import FreezeState
 from .frozen_prefix import FrozenPrefix, locate_frozen_prefix
 from .optimizer import drop_from_optimizer
 from .units import AdapterUnit, unit_parameters
@@ -142,7 +142,7 @@ class FrozenUnitsMixin:
 
     @property
     def backprop_cut(self) -> Any:
-        """The :class:`~peft_safe.safe.truncation.BackpropCut` (where backprop stops, whether an input is constant)."""
+        """The tuner's backprop cut, a :class:`~peft_safe.safe.savings.truncation.BackpropCut`."""
         return self._backprop_cut
 
     @property

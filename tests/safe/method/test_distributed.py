@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-TESTS_DIR = str(Path(__file__).resolve().parents[1])
+TESTS_DIR = str(Path(__file__).resolve().parents[2])
 WORLD = 2
 LAYERS = 3
 TIMES = (0, 1, 2)  # warm-up capped at t=1, threshold reaches tau at t=2
@@ -43,7 +43,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     from conftest import TinyModels
     from peft import PeftModel
 
-    from peft_safe.safe.distributed import agree_on_scores, check_ddp
+    from peft_safe.safe.method.distributed import agree_on_scores, check_ddp
 
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
@@ -142,7 +142,7 @@ def test_checkpoint_saved_once_by_rank_zero_holds_the_agreed_state(ranks):
 
 
 def test_agree_on_scores_is_the_identity_outside_a_process_group():
-    from peft_safe.safe.distributed import agree_on_scores, is_distributed
+    from peft_safe.safe.method.distributed import agree_on_scores, is_distributed
 
     assert not is_distributed()
     scores = {"a": 0.25, "b": 0.5}

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..batch import call_model, real_tokens, to_device
-from ..core.cka import SCORING_SITES, CKAAccumulator, NonFiniteActivations
+from ...batch import call_model, real_tokens, to_device
+from ...core.cka import SCORING_SITES, CKAAccumulator, NonFiniteActivations
 from .probe_inputs import check_probe_batch, check_probe_set
 from .units import AdapterUnit
 

@@ -31,11 +31,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..core.budget import BlockCosts, plan_checkpointing
-from .frozen_prefix import first_live_block, unit_block_lists
-from .hooks import add_hook
+from ...core.budget import BlockCosts, plan_checkpointing
+from ..method.frozen_prefix import first_live_block, unit_block_lists
+from ..method.hooks import add_hook
+from ..method.tuner_view import TunerView
 from .truncation import hidden_state_of, with_hidden_state
-from .tuner_view import TunerView
 
 __all__ = ["CheckpointBudget", "check_one_block_list"]
 
@@ -150,7 +150,7 @@ class CheckpointBudget:
     # ------------------------------------------------------------------ measuring
     def measure(self, module: nn.Module, args: tuple, kwargs: dict, tokens: int) -> BlockCosts:
         """Run one forward that measures each block's saved and kept bytes; store and return the costs."""
-        from ..measure.memory import SavedTensorMeter  # here: ``import peft_safe`` loads no measurement code
+        from ...measure.memory import SavedTensorMeter  # here: ``import peft_safe`` loads no measurement code
 
         saved, kept = [0] * len(self.blocks), [0] * len(self.blocks)
         before: dict[int, int] = {}

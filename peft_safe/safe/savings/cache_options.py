@@ -12,7 +12,7 @@ import os
 import tempfile
 from typing import Any
 
-from ..core.policy import as_number
+from ...core.policy import as_number
 
 __all__ = ["CACHE_FIELDS", "DEFAULT_CACHE_DISK_BYTES", "DEFAULT_CACHE_MEMORY_BYTES", "check_cache_dir_writable",
            "check_cache_options"]

@@ -28,7 +28,7 @@ gets the stored states instead. The input embeddings still run (cheap).
 
 :meth:`PrefixCache.stats` reports hits, the hit rate and the bytes held; the meter reads it
 (:mod:`peft_safe.measure.cache`). Imports torch and peft's tuner-layer base, and of this package
-``safe.truncation`` and ``safe.prefix_rows``.
+``.truncation``, ``.prefix_rows`` and ``safe.method`` (hooks, the tuner view).
 """
 
 from __future__ import annotations
@@ -44,10 +44,10 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch.nn.modules.module import register_module_forward_pre_hook
 
-from .hooks import add_hook
+from ..method.hooks import add_hook
+from ..method.tuner_view import TunerView
 from .prefix_rows import RowStore, row_keys
 from .truncation import hidden_state_of, with_hidden_state
-from .tuner_view import TunerView
 
 __all__ = ["PrefixCache", "row_keys"]
 

@@ -30,7 +30,7 @@ warning at the first training step, naming the fix, and the driver stands down. 
 follows the Trainer's clock like any other engine, and frozen units are held still (:mod:`.zero`).
 
 Imports: torch, peft's tuner layer class, and of this package ``batch``, ``reporting`` (the Trainer's logging
-path), ``safe.distributed``, ``safe.trainer_clock``, ``safe.units``.
+path), ``.distributed``, ``.trainer_clock``, ``.units``.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ..batch import real_tokens
-from ..reporting import find_on_stack, find_trainer, follow_transformers_verbosity, log_to_trainer
+from ...batch import real_tokens
+from ...reporting import find_on_stack, find_trainer, follow_transformers_verbosity, log_to_trainer
 from .distributed import check_ddp, check_trainer_ddp
 from .hooks import add_hook
 from .trainer_clock import PROBE_FILE, attach_clock, load_probe, save_probe

@@ -16,12 +16,17 @@ from torch import nn
 if TYPE_CHECKING:
     import torch
 
-    from ..core.state import FreezeState
+    from ...core.state import FreezeState
     from .frozen_prefix import FrozenPrefix
-    from .truncation import BackpropCut
     from .units import AdapterUnit
 
-__all__ = ["TunerView"]
+__all__ = ["CutView", "TunerView"]
+
+
+class CutView(Protocol):
+    """What the tuner's backprop cut (``savings.truncation.BackpropCut``) offers the prefix cache."""
+
+    def feeds_no_gradient(self, hidden: torch.Tensor) -> bool: ...
 
 
 class TunerView(Protocol):
@@ -48,7 +53,7 @@ class TunerView(Protocol):
     def freeze_states(self) -> Mapping[str, FreezeState]: ...
 
     @property
-    def backprop_cut(self) -> BackpropCut: ...
+    def backprop_cut(self) -> CutView: ...
 
     def units(self, adapter_name: str | None = None) -> list[AdapterUnit]: ...
 

@@ -1,6 +1,7 @@
 """The prefix cache against inputs and changes a hostile user brings (issue 21, items 3, 4, 5 and 9): what a row is
 keyed by (every input the frozen prefix receives), weights swapped rather than changed in place, inputs that never
-repeat, and row files removed under a running cache (``peft_safe/safe/prefix_cache.py``, ``prefix_rows.py``)."""
+repeat, and row files removed under a running cache (``peft_safe/safe/savings/prefix_cache.py``,
+``prefix_rows.py``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from peft import LoraConfig, get_peft_model
 from prefix_pair import EXAMPLES, Pair, blocks, collate, epoch_batches
 
 from peft_safe import SAFEConfig
-from peft_safe.safe.prefix_rows import RowKeys, row_keys
+from peft_safe.safe.savings.prefix_rows import RowKeys, row_keys
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 

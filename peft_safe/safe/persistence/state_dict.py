@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
+from ..method.tuner_view import TunerView
 from .checkpoint import decode_payload, encode_payload
-from .tuner_view import TunerView
 
 __all__ = ["EXTRA_STATE_BYTES", "EXTRA_STATE_FORMAT", "extra_state", "install_state_dict_hooks",
            "load_extra_state"]

@@ -1,5 +1,5 @@
-"""SAFE's long-lived forward hooks go through ``peft_safe/safe/hooks.py``: one torch hook per module and kind, the
-owners' callbacks in the documented order (``hooks.ORDER``), whatever order the parts installed them in."""
+"""SAFE's long-lived forward hooks go through ``peft_safe/safe/method/hooks.py``: one torch hook per module and
+kind, the owners' callbacks in the documented order (``hooks.ORDER``), whatever order the parts installed them in."""
 
 from __future__ import annotations
 

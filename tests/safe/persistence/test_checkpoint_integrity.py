@@ -16,7 +16,7 @@ import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from peft_safe.safe.checkpoint import decode_payload, seal
+from peft_safe.safe.persistence.checkpoint import decode_payload, seal
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.usefixtures("single_thread_torch")
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "..", "fixtures", "safe_checkpoint_v0_1")
+FIXTURE = os.path.join(os.path.dirname(__file__), "..", "..", "fixtures", "safe_checkpoint_v0_1")
 STATE_KEY = "base_model.safe_freeze_state"
 
 # Importance is 1 - CKA with CKA close to 1, accumulated in float64 from float32 activations: another CPU's kernels

@@ -1,4 +1,4 @@
-"""Importance scoring (peft_safe/safe/scoring.py): 1 - CKA of each unit's output with and without its adapters.
+"""Importance scoring (peft_safe/safe/method/scoring.py): 1 - CKA of each unit's output with and without its adapters.
 
 What a score is (one per unit, in [0, 1], 1 - linear CKA of the block output, blind to padding), what scoring
 leaves untouched (RNG, training modes, the freeze state), which probe sets it accepts, and its numerics: never
