@@ -2,8 +2,8 @@
 
 Importing this package registers the ``"SAFE"`` peft type (and the bottleneck and BitFit tuners) with peft,
 so ``get_peft_model``, ``PeftModel.from_pretrained`` and ``AutoPeftModel*`` work with them. That is all an
-import does: the Trainer callbacks and the measurement code (which pull in transformers' Trainer and register
-FLOP formulas with torch) are imported only when their names are first used.
+import does: the Trainer callbacks and the measurement code (the callbacks pull in transformers' Trainer) are
+imported only when their names are first used, and no FLOP formula is registered with torch until a counter runs.
 
 Layers (docs/architecture.md): ``core`` (the pure algorithm) < ``measure`` (memory, FLOPs, time) < ``safe`` (the
 method as a peft tuner) and ``tuners`` (the adapters it wraps) < ``callbacks`` < the applications ``bench`` and

@@ -42,7 +42,6 @@ from .method.scoring import compute_importance
 from .method.units import (
     AdapterUnit,
     as_index,
-    find_adapter_units,
     leaf_layer_names,
     require_units,
     resolve_units,
@@ -200,10 +199,6 @@ class SAFEModel(FrozenUnitsMixin, BaseTuner):
         """The :class:`SAFEConfig` of the active adapter; change hyper-parameters on it."""
         return self.peft_config[self.safe_adapter_name]
 
-    def _units(self, adapter_name: str | None = None) -> list[AdapterUnit]:
-        adapter_name = adapter_name or self.safe_adapter_name
-        return find_adapter_units(self.model, adapter_name, self.peft_config[adapter_name].blocks_path)
-
     def _live_units(self, action: str, adapter_name: str | None = None) -> list[AdapterUnit]:
         """The units, refused when the adapter's layers are gone (merged and unloaded)."""
         adapter_name = adapter_name or self.safe_adapter_name
@@ -298,6 +293,10 @@ class SAFEModel(FrozenUnitsMixin, BaseTuner):
         """
         if not self.auto_driver.acting:
             self.auto_driver.stand_down("update_and_freeze was called")
+        with self._units_found_once():  # scoring and freezing add no adapter layer: one walk of the model
+            return self._update_and_freeze(t, probe_batches, optimizer)
+
+    def _update_and_freeze(self, t: float, probe_batches: Iterable[Any], optimizer: Any) -> list[str]:
         # Everything is checked before the state moves: the time, the optimizer, hyper-parameters changed in place
         # (model.peft_config[name].tau = ...) and that the adapters are still in the model.
         t = check_scoring_time(t, self.freeze_state.last_scored)
@@ -445,6 +444,6 @@ class SAFEModel(FrozenUnitsMixin, BaseTuner):
         check_loadable(remapped, model)
         steps, state.optimizer_steps = resume_steps(state), None  # the count lives in the driver from here on
         safe._replace_freeze_state(adapter_name, state)  # everything checked: only now is the model touched
-        if safe.active_adapters and adapter_name == safe.safe_adapter_name:
+        if adapter_name == safe.active_safe_adapter:
             safe.auto_driver.restart(steps)
         return remapped

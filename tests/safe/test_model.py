@@ -425,6 +425,25 @@ def test_update_and_freeze_freezes_units_below_the_threshold(tiny):
     assert all(p.requires_grad == tiny.in_unit(n, top) for n, p in tiny.adapter_params(model).items())
 
 
+def test_one_scoring_and_freezing_walks_the_model_for_units_once(tiny, monkeypatch):
+    # issue 23: update_and_freeze found the units five times (check, score, freeze, apply, locate the prefix)
+    from peft_safe.safe.method import freezing
+
+    model = tiny.safe("bert", layers=3, tau=1.0, final_freeze_time=2, warmup_cap=1, importance_scale="raw")
+    safe = model.base_model
+    walks = []
+    find = freezing.find_adapter_units
+    monkeypatch.setattr(freezing, "find_adapter_units", lambda *a, **k: walks.append(a[1]) or find(*a, **k))
+    for t in (0, 1, 2):
+        walks.clear()
+        newly = safe.update_and_freeze(t, [tiny.batch()])
+        assert walks == ["default"], (t, walks)
+    assert newly == safe.adapter_units[:-1]  # the last call froze, so the walk served the freeze and the cut too
+    assert safe.backprop_cut_block == safe.adapter_units[-1]
+    walks.clear()
+    assert safe.adapter_units and walks == ["default"]  # outside a scoring the units are found afresh
+
+
 def test_untrained_adapters_scoring_zero_neither_end_warmup_nor_freeze(tiny):
     # issue 13.1: LoRA's B = 0 scores every unit exactly 0; 0 == 0 used to count as "settled" and the next
     # scoring froze every unit.

@@ -242,7 +242,7 @@ class AutoDriver:
         if not self.active or self.acting or not torch.is_grad_enabled():
             return
         safe = self._safe_ref()
-        if safe is None or not safe.active_adapters or safe.active_adapters[0] not in safe.peft_config:
+        if safe is None or safe.active_safe_adapter is None:
             return  # every adapter deleted
         if self._adapters_disabled(safe):
             return  # a reference forward under disable_adapter(): neither scored nor kept
@@ -290,7 +290,7 @@ class AutoDriver:
 
     def _on_trainer_time(self, trainer: Any, unit: str, t: float, optimizer: Any) -> None:
         safe = self._safe_ref()
-        if safe is None or not safe.active_adapters or safe.safe_config.schedule_unit != unit:
+        if safe is None or safe.active_safe_adapter is None or safe.safe_config.schedule_unit != unit:
             return
         if unit == "step":
             self.steps = int(t)  # the Trainer's step is the count a later plain loop or checkpoint continues from
@@ -342,7 +342,7 @@ class AutoDriver:
 
     def _on_any_step(self, optimizer: torch.optim.Optimizer) -> None:
         safe = self._safe_ref()
-        if safe is None or not self.active or self.trainer is not None or not safe.active_adapters:
+        if safe is None or not self.active or self.trainer is not None or safe.active_safe_adapter is None:
             return  # under a Trainer its own step is the clock
         holds = self._holders.get(optimizer)
         if holds is None:

@@ -23,7 +23,7 @@ from torch import nn
 from ...core.state import FreezeState
 from .frozen_prefix import FrozenPrefix, locate_frozen_prefix
 from .optimizer import drop_from_optimizer
-from .units import AdapterUnit, unit_parameters
+from .units import AdapterUnit, find_adapter_units, unit_parameters
 
 __all__ = ["FrozenUnitsMixin", "check_something_trains", "drop_package_hooks"]
 
@@ -65,7 +65,31 @@ class FrozenUnitsMixin:
     _backprop_cut: Any
     _frozen_prefix_at: tuple[Any, FrozenPrefix | None]  # (the freeze state it was located under, the prefix)
     _zero_hold: Any  # zero.ZeroHold: frozen parameters a DeepSpeed ZeRO optimizer owns, held still
+    _units_memo: dict[str, list[AdapterUnit]] | None = None  # while _units_found_once: adapter -> its units
     auto_driver: Any  # driver.AutoDriver
+
+    def _units(self, adapter_name: str | None = None) -> list[AdapterUnit]:
+        adapter_name = adapter_name or self.safe_adapter_name
+        memo = self._units_memo
+        if memo is not None and adapter_name in memo:
+            return memo[adapter_name]
+        units = find_adapter_units(self.model, adapter_name, self.peft_config[adapter_name].blocks_path)
+        if memo is not None:
+            memo[adapter_name] = units
+        return units
+
+    @contextlib.contextmanager
+    def _units_found_once(self) -> Iterator[None]:
+        """Within: each adapter's units are found once (a walk of the whole model) and reused; for a call that
+        changes no adapter layer, such as one scoring and freezing. Nested uses share the outer one's."""
+        if self._units_memo is not None:
+            yield
+            return
+        self._units_memo = {}
+        try:
+            yield
+        finally:
+            self._units_memo = None
 
     def _replace_freeze_state(self, adapter_name: str, state: FreezeState) -> None:
         # Units the old state froze that the new one trains become trainable again (unless the adapter is
@@ -108,7 +132,7 @@ class FrozenUnitsMixin:
         again when the frozen set changes, when the freeze state is applied, and when a block below the cut was
         made trainable by hand; ``None`` when nothing SAFE froze lies below a trainable block.
         """
-        adapter = self.active_adapters[0] if self.active_adapters else None
+        adapter = self.active_safe_adapter
         state = self._freeze_states.get(adapter) if adapter is not None else None
         if state is None or not state.frozen:
             return None
@@ -120,6 +144,13 @@ class FrozenUnitsMixin:
         return prefix
 
     # ------------------------------------------------------------------ the parts' view (tuner_view.TunerView)
+    @property
+    def active_safe_adapter(self) -> str | None:
+        """The active adapter's name while it is one of this tuner's; ``None`` when no adapter is active or the
+        active one was deleted. Every part asks this before it acts (``safe_adapter_name`` raises instead)."""
+        active = self.active_adapters
+        return active[0] if active and active[0] in self.peft_config else None
+
     def units(self, adapter_name: str | None = None) -> list[AdapterUnit]:
         """The adapter units of ``adapter_name`` (default: the active SAFE adapter), input side first: each with its
         block module and adapted layers."""

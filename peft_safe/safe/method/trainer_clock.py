@@ -100,7 +100,8 @@ class TrainerClock:
 
         driver = self._driver()
         safe = driver._safe_ref() if driver is not None else None
-        if driver is not None and driver.active and isinstance(safe, AdaLoraModel) and safe.active_adapters:
+        adalora = isinstance(safe, AdaLoraModel) and safe.active_safe_adapter is not None
+        if driver is not None and driver.active and adalora:
             safe.update_and_allocate(state.global_step)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

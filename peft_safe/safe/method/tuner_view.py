@@ -44,6 +44,9 @@ class TunerView(Protocol):
     def safe_adapter_name(self) -> str: ...
 
     @property
+    def active_safe_adapter(self) -> str | None: ...
+
+    @property
     def safe_config(self) -> Any: ...
 
     @property

@@ -62,7 +62,8 @@ def _autocast_state() -> tuple:
 
 def _active_config(safe: TunerView) -> Any:
     """The active adapter's config of the SAFE tuner, or None (the tuner is gone or has no active adapter)."""
-    return safe.peft_config.get(safe.active_adapters[0]) if safe is not None and safe.active_adapters else None
+    adapter = safe.active_safe_adapter if safe is not None else None
+    return safe.peft_config[adapter] if adapter is not None else None
 
 
 class PrefixCache:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..method.frozen_prefix import FrozenPrefix, has_trainable
+from ..method.frozen_prefix import FrozenPrefix
 from ..method.hooks import add_hook
 
 __all__ = ["BackpropCut", "hidden_state_of", "upstream_wants_grad", "with_hidden_state"]
@@ -147,7 +147,7 @@ class BackpropCut:
     def __init__(self) -> None:
         self.block_name: str | None = None
         self._handles: list[Any] = []  # add_hook's handles
-        self._below: list[nn.Module] = []
+        self._prefix: FrozenPrefix | None = None  # the prefix the hooks were installed for
         self._embedding_outputs: list[weakref.ref] = []
         self._detached = False  # whether the first block's input was detached in the current forward
 
@@ -167,7 +167,7 @@ class BackpropCut:
         self.remove()
         if prefix is None:
             return None
-        self._below = list(prefix.below)
+        self._prefix = prefix
         self._handles.append(add_hook("backprop_cut", prefix.blocks[0], "pre", self._detach_below))
         self._handles.append(add_hook("backprop_cut", prefix.blocks[prefix.cut], "pre", self._regrad_cut))
         for embeddings in _input_embeddings(prefix.model):
@@ -179,7 +179,7 @@ class BackpropCut:
         """Remove the hooks; backprop runs as it would without SAFE's cut."""
         for handle in self._handles:
             handle.remove()
-        self._handles, self._below, self._embedding_outputs = [], [], []
+        self._handles, self._prefix, self._embedding_outputs = [], None, []
         self._detached = False
         self.block_name = None
 
@@ -195,7 +195,7 @@ class BackpropCut:
         if found is None or not torch.is_grad_enabled():
             return None
         where, hidden = found
-        if not hidden.requires_grad or any(has_trainable(block) for block in self._below):
+        if not hidden.requires_grad or self._prefix is None or self._prefix.thawed():
             return None
         embedding_outputs = [t for t in (ref() for ref in self._embedding_outputs) if t is not None]
         if upstream_wants_grad(hidden, ignored_leaves=embedding_outputs):

@@ -338,7 +338,7 @@ def test_model_with_a_cut_copies_and_the_copy_cuts_its_own_blocks(tiny, how, mod
     hooks = [fn for block in clone_blocks for _, fn in safe_hooks.callbacks(block, "pre")]
     owners = {id(hook.__self__) for hook in hooks}
     assert len(owners) == 1 and id(model.base_model._backprop_cut) not in owners
-    assert all(b is c for b, c in zip(hooks[0].__self__._below, clone_blocks[:cut]))
+    assert all(b is c for b, c in zip(hooks[0].__self__._prefix.below, clone_blocks[:cut]))
     seen: dict[int, bool] = {}
     for i, block in enumerate(clone_blocks):
         block.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out.requires_grad))
