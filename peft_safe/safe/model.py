@@ -16,7 +16,6 @@ Imports: peft's tuner machinery and this package's ``core`` and ``safe``; never 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 from collections.abc import Iterable, Sequence
@@ -35,7 +34,7 @@ from .config import SAFEConfig
 from .config_fields import mark_built_into_model
 from .method.adalora import allocate_trainable_ranks
 from .method.distributed import agree_on_scores
-from .method.driver import AutoDriver, resume_steps
+from .method.driver import AutoDriver
 from .method.freezing import FrozenUnitsMixin, check_something_trains
 from .method.optimizer import check_optimizer
 from .method.scoring import compute_importance
@@ -48,9 +47,8 @@ from .method.units import (
     unit_parameters,
 )
 from .method.zero import ZeroHold
-from .persistence.checkpoint import FREEZE_STATE_KEY, check_loadable, decode_payload, encode_payload
+from .persistence.checkpoint import apply_loaded_freeze_state, check_loadable, read_freeze_state, write_freeze_state
 from .persistence.state_dict import extra_state, install_state_dict_hooks, load_extra_state
-from .persistence.weights_file import note_payload
 from .savings.budget import CheckpointBudget, check_one_block_list
 from .savings.cache_options import check_cache_dir_writable
 from .savings.prefix_cache import PrefixCache
@@ -411,39 +409,14 @@ class SAFEModel(FrozenUnitsMixin, BaseTuner):
             state_dict=state_dict,
             unwanted_adapter_names=unwanted_adapter_names,
         )
-        safe = find_safe_model(model)
-        if safe is None or adapter_name not in safe._freeze_states:
-            raise ValueError(f"cannot save SAFE adapter {adapter_name!r}: no SAFE tuner holding its freeze state.")
-        safe._live_units("save the SAFE adapter", adapter_name)  # before peft writes anything
-        state = safe._freeze_states[adapter_name]
-        driver = safe.auto_driver
-        if driver.active and driver.steps and adapter_name == safe.safe_adapter_name:
-            state = dataclasses.replace(state, optimizer_steps=driver.steps)  # a plain loop counts on after a load
-        out[FREEZE_STATE_KEY] = encode_payload(state, config, out)
-        note_payload(config, out[FREEZE_STATE_KEY])  # the config's save records which file carries it
-        return out
+        return write_freeze_state(find_safe_model(model), config, adapter_name, out)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        state_dict = dict(state_dict)
-        payload = state_dict.pop(FREEZE_STATE_KEY, None)
-        if payload is None:
-            raise ValueError(
-                "this checkpoint holds no SAFE freeze state, so it was not saved by a SAFE model "
-                f"(its weights look like a plain {config.adapter_peft_type} adapter). Load it with its own config "
-                "(PeftModel.from_pretrained without a SAFEConfig), or start SAFE from scratch."
-            )
-        safe = find_safe_model(model)
-        if safe is None:
-            raise ValueError("cannot load a SAFE freeze state: the model holds no SAFE tuner.")
-        units = [u.name for u in safe._units(adapter_name)]
-        state = decode_payload(payload, config, state_dict, units)
+        safe, state, state_dict = read_freeze_state(find_safe_model(model), config, adapter_name, state_dict)
         remapped = _wrapped_tuner_cls(config)._remap_adapter_state_dict_for_load(
             model=model, config=config.adapter_config, adapter_name=adapter_name, state_dict=state_dict
         )
         check_loadable(remapped, model)
-        steps, state.optimizer_steps = resume_steps(state), None  # the count lives in the driver from here on
-        safe._replace_freeze_state(adapter_name, state)  # everything checked: only now is the model touched
-        if adapter_name == safe.active_safe_adapter:
-            safe.auto_driver.restart(steps)
+        apply_loaded_freeze_state(safe, adapter_name, state)  # everything checked: only now is the model touched
         return remapped

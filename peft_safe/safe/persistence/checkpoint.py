@@ -8,13 +8,17 @@ peft writes ``adapter_model.safetensors`` before ``adapter_config.json``,
 so an interrupted save over an older checkpoint leaves new weights next to the old config; a bit flip leaves
 a file that parses. With the record, either is a clear error on load instead of a wrong model.
 
-Everything here is checked before anything is loaded: a failed load leaves the model as it was.
+Everything here is checked before anything is loaded: a failed load leaves the model as it was. The tuner's
+peft hooks (``SAFEModel._get_adapter_state_dict`` / ``_remap_adapter_state_dict_for_load``) only call
+:func:`write_freeze_state`, :func:`read_freeze_state` and :func:`apply_loaded_freeze_state`, which reach the tuner
+through its public view (``safe.method.tuner_view``).
 
 Imports: torch, and of this package only ``core.state`` and the SAFE config (for its fields).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from typing import Any
@@ -24,11 +28,15 @@ from peft.config import PeftConfig
 from torch import nn
 
 from ...core.state import FORMAT_VERSION, FreezeState, parse_state_json
+from ..method.driver import resume_steps
+from ..method.tuner_view import TunerView
+from ..method.units import require_units
 from ..savings.cache_options import CACHE_FIELDS
 from .history import LEGACY_VALUES, RENAMED_FIELDS
-from .weights_file import FREEZE_STATE_KEY
+from .weights_file import FREEZE_STATE_KEY, note_payload
 
-__all__ = ["FREEZE_STATE_KEY", "check_loadable", "decode_payload", "encode_payload"]
+__all__ = ["FREEZE_STATE_KEY", "apply_loaded_freeze_state", "check_loadable", "decode_payload", "encode_payload",
+           "read_freeze_state", "write_freeze_state"]
 
 
 # Fields that legitimately differ between the config saved with the weights and the one they are loaded with:
@@ -235,3 +243,49 @@ def _config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[
         if inner_saved.get(key) != inner_current.get(key):
             diffs.append(f"adapter_config.{key}: weights {inner_saved.get(key)!r}, config {inner_current.get(key)!r}")
     return diffs
+
+
+# ------------------------------------------------------------------------------ the tuner's save and load
+def write_freeze_state(
+    safe: TunerView | None, config: PeftConfig, adapter_name: str, out: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Add the payload of ``adapter_name``'s freeze state to ``out``, the state dict peft is about to write
+    (``SAFEModel._get_adapter_state_dict``); refused, before anything is written, when the adapter's layers are gone.
+    """
+    if safe is None or adapter_name not in safe.freeze_states:
+        raise ValueError(f"cannot save SAFE adapter {adapter_name!r}: no SAFE tuner holding its freeze state.")
+    state = safe.freeze_states[adapter_name]
+    require_units(safe.units(adapter_name), state.units, adapter_name, "save the SAFE adapter")
+    driver = safe.auto_driver
+    if driver.active and driver.steps and adapter_name == safe.active_safe_adapter:
+        state = dataclasses.replace(state, optimizer_steps=driver.steps)  # a plain loop counts on after a load
+    out[FREEZE_STATE_KEY] = encode_payload(state, config, out)
+    note_payload(config, out[FREEZE_STATE_KEY])  # the config's save records which file carries it
+    return out
+
+
+def read_freeze_state(
+    safe: TunerView | None, config: PeftConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+) -> tuple[TunerView, FreezeState, dict[str, torch.Tensor]]:
+    """The tuner, the checked freeze state of a loaded file and its other tensors (``SAFEModel.
+    _remap_adapter_state_dict_for_load``); nothing is applied yet. Raises on a file without a SAFE payload."""
+    state_dict = dict(state_dict)
+    payload = state_dict.pop(FREEZE_STATE_KEY, None)
+    if payload is None:
+        raise ValueError(
+            "this checkpoint holds no SAFE freeze state, so it was not saved by a SAFE model "
+            f"(its weights look like a plain {config.adapter_peft_type} adapter). Load it with its own config "
+            "(PeftModel.from_pretrained without a SAFEConfig), or start SAFE from scratch."
+        )
+    if safe is None:
+        raise ValueError("cannot load a SAFE freeze state: the model holds no SAFE tuner.")
+    units = [u.name for u in safe.units(adapter_name)]
+    return safe, decode_payload(payload, config, state_dict, units), state_dict
+
+
+def apply_loaded_freeze_state(safe: TunerView, adapter_name: str, state: FreezeState) -> None:
+    """Make a loaded, checked freeze state the adapter's own; the automatic schedule counts on from its step."""
+    steps, state.optimizer_steps = resume_steps(state), None  # the count lives in the driver from here on
+    safe.set_freeze_state(adapter_name, state)
+    if adapter_name == safe.active_safe_adapter:
+        safe.auto_driver.restart(steps)
