@@ -100,8 +100,8 @@ def test_top_k_on_an_adapter_without_layers_to_transform_is_refused(assets, tiny
 
 @pytest.mark.parametrize("task, expected", [
     ("rotten_tomatoes", {"train_size": 1000, "epochs": 30, "test_size": 2000, "lr_schedule": "linear"}),
-    ("wikitext2", {"train_size": 600, "max_length": 128, "epochs": 3, "lr_schedule": "linear",
-                   "eval_each_epoch": True}),
+    ("wikitext2", {"train_size": 600, "max_length": 128, "epochs": 3, "batch_size": 4, "test_size": 128,
+                   "probe_size": 8, "lr": 1e-3, "lr_schedule": "linear", "eval_each_epoch": True}),
 ])
 def test_the_paper_regime_sets_the_flags_left_at_their_defaults(task, expected):
     from peft_safe.bench.cli import _check_args, build_parser
